@@ -1,0 +1,222 @@
+"""Configuration: one frozen dataclass per component, gathered in `Config`, read and written as TOML.
+
+Every field has a default, so a TOML file only names what it changes; an unknown section or key is
+an error (a silently ignored setting is worse than none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sonicrec.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Front end: decoding, the excerpt and the log-mel spectrogram (paper: 128 bands x 599 frames)."""
+
+    sample_rate: int = 22050
+    excerpt_seconds: float = 30.0
+    excerpt_offset: float | None = None  # seconds from the start; None = centred in the track
+    n_mels: int = 128
+    n_fft: int = 2048
+    hop_length: int = 1104
+    n_frames: int = 599
+    fmin: float = 0.0
+    fmax: float | None = None  # None = sample_rate / 2
+    log_floor: float = 1e-5  # log compression: log(max(mel, floor))
+
+    def __post_init__(self) -> None:
+        _check(8000 <= self.sample_rate <= 96000, f"audio.sample_rate={self.sample_rate} out of range")
+        _check(self.excerpt_seconds > 0, "audio.excerpt_seconds must be positive")
+        _check(self.n_mels > 0 and self.n_fft > 0 and self.hop_length > 0, "audio sizes must be > 0")
+        _check(self.n_frames > 0, "audio.n_frames must be positive")
+        _check(self.log_floor > 0, "audio.log_floor must be positive")
+
+
+@dataclass(frozen=True)
+class CFConfig:
+    """Weighted matrix factorisation of play counts; confidence = 1 + alpha * log(1 + count / epsilon)."""
+
+    engine: str = "implicit"  # "implicit" (one machine) or "spark"
+    factors: int = 40
+    alpha: float = 2.0
+    epsilon: float = 1.0
+    regularization: float = 0.1
+    iterations: int = 15
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    spark_master: str = "local[2]"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("implicit", "spark"), f"cf.engine={self.engine!r}: implicit|spark")
+        _check(self.factors > 0 and self.iterations > 0, "cf.factors and cf.iterations must be > 0")
+        _check(self.alpha > 0 and self.epsilon > 0, "cf.alpha and cf.epsilon must be > 0")
+        _check(
+            0 <= self.valid_fraction and 0 <= self.test_fraction
+            and self.valid_fraction + self.test_fraction < 1,
+            "cf.valid_fraction + cf.test_fraction must be in [0, 1)",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The CNN: 1-D convolutions over time, global temporal pooling, dense layers, linear output."""
+
+    architecture: str = "blog"  # "blog" (whole excerpt) or "paper" (3-s windows, averaged)
+    n_mels: int = 128
+    n_factors: int = 40
+    conv_channels: tuple[int, ...] = (256, 256, 512, 512)
+    kernel_size: int = 4
+    pool_sizes: tuple[int, ...] = (4, 2, 2)
+    dense_units: tuple[int, ...] = (2048, 2048)
+    dropout: float = 0.5
+    window_frames: int = 130  # paper variant: ~3 s at the default hop
+
+    def __post_init__(self) -> None:
+        _check(self.architecture in ("blog", "paper"), f"model.architecture={self.architecture!r}")
+        _check(len(self.conv_channels) > 0, "model.conv_channels must not be empty")
+        _check(0 <= self.dropout < 1, "model.dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Minibatch SGD with Nesterov momentum on (weighted) squared error to unit-normalised factors."""
+
+    loss: str = "mse"  # "mse" or "wpe" (the paper's weighted prediction error)
+    optimizer: str = "sgd"  # "sgd" (Nesterov) or "adam"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 30
+    patience: int = 5
+    crop_frames: int | None = None  # random time-shift crop length; None = no crop
+    num_workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.loss in ("mse", "wpe"), f"train.loss={self.loss!r}: mse|wpe")
+        _check(self.optimizer in ("sgd", "adam"), f"train.optimizer={self.optimizer!r}: sgd|adam")
+        _check(self.batch_size > 0 and self.epochs > 0, "train.batch_size and epochs must be > 0")
+        _check(self.learning_rate > 0, "train.learning_rate must be positive")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo world: real scores rendered to audio, with simulated listeners."""
+
+    n_tracks: int = 1200
+    n_users: int = 5000
+    n_plays: int = 250_000  # play events (a user playing a track once)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.n_tracks >= 10, f"demo.n_tracks={self.n_tracks}: need at least 10")
+        _check(self.n_users >= 10, f"demo.n_users={self.n_users}: need at least 10")
+        _check(self.n_plays >= self.n_users, "demo.n_plays must be at least demo.n_users")
+        _check(0 <= self.seed < 2**32, f"demo.seed={self.seed}: must be in [0, 2**32)")
+
+
+@dataclass(frozen=True)
+class Config:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    cf: CFConfig = field(default_factory=CFConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with sections replaced, e.g. ``cfg.replace(cf=dataclasses.replace(cfg.cf, factors=50))``."""
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: _section_to_dict(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        _check(not unknown, f"unknown config section(s): {', '.join(unknown)}")
+        sections = {}
+        for name, value in data.items():
+            _check(isinstance(value, dict), f"config section [{name}] must be a table")
+            section_type = type(getattr(cls(), name))
+            sections[name] = _section_from_dict(section_type, value, name)
+        return cls(**sections)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> Config:
+        try:
+            return cls.from_dict(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        from sonicrec.io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_toml())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        try:
+            return cls.from_toml(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    # TOML has no null: unset optional values are left out and come back as their default None.
+    out = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if value is None:
+            continue
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _section_from_dict(section_type: type[T], data: dict[str, Any], name: str) -> T:
+    known = {f.name: f for f in fields(section_type)}
+    unknown = sorted(set(data) - set(known))
+    _check(not unknown, f"unknown key(s) in [{name}]: {', '.join(unknown)}")
+    defaults = section_type()
+    values = {}
+    for key, value in data.items():
+        default = getattr(defaults, key)
+        if isinstance(default, tuple):
+            _check(isinstance(value, list), f"[{name}] {key} must be a list")
+            value = tuple(value)
+        elif isinstance(default, bool) or isinstance(value, bool):
+            _check(isinstance(value, bool) and isinstance(default, bool), f"[{name}] {key}: bad type")
+        elif isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        elif default is not None and not isinstance(value, type(default)):
+            raise ConfigError(
+                f"[{name}] {key} = {value!r}: expected {type(default).__name__}"
+            )
+        values[key] = value
+    return section_type(**values)

@@ -1,0 +1,109 @@
+"""Latent factors of users and songs, with the song split, saved as one ``.npz`` (no pickle)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sonicrec.errors import DataError, UnknownIdError
+from sonicrec.io import atomic_save_npz, load_npz
+
+SPLITS = ("train", "valid", "test")
+
+
+def unit_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero). (n, k) -> (n, k)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, eps)).astype(np.float32)
+
+
+@dataclass
+class Factors:
+    """WMF factors. Song factors of valid/test songs are folded in with the users fixed.
+
+    Attributes
+    ----------
+    user_ids : (U,) str
+    song_ids : (S,) str
+    user_factors : (U, k) float32
+    song_factors : (S, k) float32 — raw; popularity lives in the norm
+    split : (S,) str, each one of "train", "valid", "test"
+    """
+
+    user_ids: np.ndarray
+    song_ids: np.ndarray
+    user_factors: np.ndarray
+    song_factors: np.ndarray
+    split: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.user_ids = np.asarray(self.user_ids).astype(str)
+        self.song_ids = np.asarray(self.song_ids).astype(str)
+        self.user_factors = np.asarray(self.user_factors, dtype=np.float32)
+        self.song_factors = np.asarray(self.song_factors, dtype=np.float32)
+        self.split = np.asarray(self.split).astype(str)
+        n_users, n_songs = len(self.user_ids), len(self.song_ids)
+        if self.user_factors.shape[0] != n_users or self.song_factors.shape[0] != n_songs:
+            raise DataError("factor rows do not match the number of ids")
+        if self.user_factors.shape[1] != self.song_factors.shape[1]:
+            raise DataError("user and song factors differ in dimension")
+        if self.split.shape != (n_songs,) or not np.isin(self.split, SPLITS).all():
+            raise DataError(f"split must give one of {SPLITS} per song")
+        self._song_index = {s: i for i, s in enumerate(self.song_ids)}
+        self._user_index = {u: i for i, u in enumerate(self.user_ids)}
+
+    @property
+    def n_factors(self) -> int:
+        return self.song_factors.shape[1]
+
+    @property
+    def song_factors_unit(self) -> np.ndarray:
+        """(S, k) song factors with unit L2 norm: the CNN's regression target."""
+        return unit_rows(self.song_factors)
+
+    def songs(self, split: str) -> np.ndarray:
+        """Song ids of one split, (n,) str."""
+        return self.song_ids[self.split == split]
+
+    def song_index(self, song_ids) -> np.ndarray:
+        """Row numbers of song ids; unknown ids raise :class:`UnknownIdError`."""
+        return _lookup(self._song_index, song_ids, "song")
+
+    def user_index(self, user_ids) -> np.ndarray:
+        return _lookup(self._user_index, user_ids, "user")
+
+    def save(self, path: str | Path) -> None:
+        atomic_save_npz(
+            path,
+            user_ids=self.user_ids,
+            song_ids=self.song_ids,
+            user_factors=self.user_factors,
+            song_factors=self.song_factors,
+            song_factors_unit=self.song_factors_unit,
+            split=self.split,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Factors:
+        try:
+            data = load_npz(path)
+        except FileNotFoundError:
+            raise DataError(f"no factors at {path}: run `sonicrec factorize` first") from None
+        return cls(
+            user_ids=data["user_ids"],
+            song_ids=data["song_ids"],
+            user_factors=data["user_factors"],
+            song_factors=data["song_factors"],
+            split=data["split"],
+        )
+
+
+def _lookup(index: dict[str, int], ids, kind: str) -> np.ndarray:
+    ids = [ids] if isinstance(ids, str) else list(ids)
+    missing = [i for i in ids if i not in index]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        raise UnknownIdError(f"unknown {kind} id(s): {shown}" + (" ..." if len(missing) > 5 else ""))
+    return np.fromiter((index[i] for i in ids), dtype=np.int64, count=len(ids))

@@ -1,0 +1,73 @@
+"""The layout of a run directory: where every stage of the pipeline reads and writes.
+
+One place names the files, so stages agree without passing paths around::
+
+    RUN/config.toml            the Config every stage read
+    RUN/catalog.sqlite         tracks, their metadata and ingest status
+    RUN/audio/                 audio files (the demo world renders them here)
+    RUN/plays.parquet          play counts: user_id, track_id, count
+    RUN/features/              log-mel feature store
+    RUN/cf/factors.npz         WMF user and song factors + the song split
+    RUN/model/                 CNN checkpoint(s) and training metrics
+    RUN/predictions/NAME.npz   predicted song factors of one model (song_ids, factors)
+    RUN/evaluation/            results.json, results.md, results.png
+    RUN/analysis/              the analysis report
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "config.toml"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / MARKER
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.sqlite"
+
+    @property
+    def audio(self) -> Path:
+        return self.root / "audio"
+
+    @property
+    def plays(self) -> Path:
+        return self.root / "plays.parquet"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def factors(self) -> Path:
+        return self.root / "cf" / "factors.npz"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    def prediction(self, name: str) -> Path:
+        return self.predictions / f"{name}.npz"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
