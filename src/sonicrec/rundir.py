@@ -6,12 +6,14 @@ One place names the files, so stages agree without passing paths around::
     RUN/catalog.sqlite         tracks, their metadata and ingest status
     RUN/audio/                 audio files (the demo world renders them here)
     RUN/plays.parquet          play counts: user_id, track_id, count
+    RUN/users.parquet          the demo world's simulated users (sonicrec.simulate)
     RUN/features/              log-mel feature store
     RUN/cf/factors.npz         WMF user and song factors + the song split
     RUN/model/                 CNN checkpoint(s) and training metrics
     RUN/predictions/NAME.npz   predicted song factors of one model (song_ids, factors)
     RUN/evaluation/            results.json, results.md, results.png
     RUN/analysis/              the analysis report
+    RUN/index/                 cached nearest-neighbour indexes of large catalogs
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class RunDir:
         return self.root / "plays.parquet"
 
     @property
+    def users(self) -> Path:
+        return self.root / "users.parquet"
+
+    @property
     def features(self) -> Path:
         return self.root / "features"
 
@@ -71,3 +77,7 @@ class RunDir:
     @property
     def analysis(self) -> Path:
         return self.root / "analysis"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
