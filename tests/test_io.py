@@ -28,3 +28,13 @@ def test_npz_round_trip_without_pickle(tmp_path):
     data = load_npz(tmp_path / "a.npz")
     assert data["ids"].dtype.kind == "U"
     assert list(data["v"]) == [0, 1, 2]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    from sonicrec import io
+
+    atomic_write_text(tmp_path / "r.txt", "x")
+    assert (tmp_path / "r.txt").stat().st_mode & 0o777 == 0o666 & ~io._UMASK
+    assert os.access(tmp_path / "r.txt", os.R_OK)

@@ -1,0 +1,524 @@
+"""Cold-start evaluation: rank held-out songs for every user and score the ranking against real plays.
+
+For every user u and every held-out (test) song i the score is ``x_u . y_i``: x_u is the user's WMF
+factor (fitted on training songs only) and y_i the song factor a model predicts (from audio, for the
+content models). Each user's ranking of the test songs is compared with the test songs the user
+actually played (binary relevance, as the paper's preference p_ui).
+
+Definitions, with R_u the user's relevant (played) test songs, n_u = |R_u| and rank(i) the 1-based
+position of song i when all test songs are sorted by descending score:
+
+``AP@L`` (L = 500, as in van den Oord et al. 2013 and the MSD challenge)
+    ``AP@L(u) = 1 / min(n_u, L) * sum_{i in R_u, rank(i) <= L} P(rank(i))`` with
+    ``P(r) = |{j in R_u : rank(j) <= r}| / r``. mAP@L is the mean over evaluated users. When L is at
+    least the number of songs it equals sklearn's ``average_precision_score``.
+``AUC``
+    Per user, the probability that a played song scores higher than an unplayed one (ties count one
+    half), i.e. sklearn's ``roc_auc_score``; averaged over users with at least one played and one
+    unplayed test song.
+``NDCG@k``
+    ``sum_{i in R_u, rank(i) <= k} 1 / log2(rank(i) + 1)`` divided by its ideal value
+    ``sum_{r=1}^{min(n_u, k)} 1 / log2(r + 1)`` (binary gains; sklearn's ``ndcg_score`` with ``k``).
+``recall@k``
+    ``|{i in R_u : rank(i) <= k}| / n_u``.
+
+Users without a played test song are skipped (and counted). Tied scores: AUC gives ties one half;
+for the rank metrics a played song is placed after every song with a strictly higher score and
+before unplayed songs with the same score (optimistic). The baselines here produce no ties.
+
+The work is chunked over users (one chunk holds about ``2**24`` scores) and run on a few threads;
+users without a played song are not scored at all. For each user the songs scoring above and below
+each played song are counted, by two comparison passes over the row when the user played few songs
+and by binary search in the sorted row otherwise. Memory stays bounded for 1M users x 380k songs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sonicrec.errors import DataError
+from sonicrec.factors import Factors, unit_rows
+from sonicrec.io import atomic_path, atomic_write_text, load_npz
+from sonicrec.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+AP_CUTOFF = 500
+DEFAULT_K = 50
+CHUNK_SCORES = 2**24  # scores held per chunk (64 MiB of float32, plus its sorted copy)
+COUNT_DIRECTLY = 16  # up to this many relevant songs, two comparison passes beat sorting the row
+RANDOM_DIM = 64  # random baseline: near-independent random rankings per user
+
+# Row order of the table; prediction files not named here follow in alphabetical order.
+MODEL_ORDER = ("random", "popularity", "mfcc-linear", "mfcc-mlp", "cnn-mse", "cnn-wpe")
+UPPER_BOUNDS = ("upper-bound-unit", "upper-bound")
+MODEL_NOTES = {
+    "random": "chance: random user and song factors (a random ranking per user)",
+    "popularity": "warm-start reference, NOT cold-start: ranks test songs by their own test play counts",
+    "mfcc-linear": "MFCC bag-of-words + PCA + ridge regression (the paper's linear baseline)",
+    "mfcc-mlp": "MFCC bag-of-words + PCA + MLP (the paper's MLP baseline)",
+    "cnn-mse": "CNN on log-mel spectrograms, mean squared error",
+    "cnn-wpe": "CNN on log-mel spectrograms, weighted prediction error",
+    "upper-bound-unit": "true CF factors of the test songs, unit-normalised: the content models' target",
+    "upper-bound": "true CF factors of the test songs (popularity in the norm): the upper bound",
+}
+
+
+@dataclass(frozen=True)
+class RankingMetrics:
+    """Per-user ranking metrics of one model; the arrays cover the evaluated users only.
+
+    Attributes
+    ----------
+    users : (n,) int64 — rows of the evaluated users in the user-factor matrix
+    n_relevant : (n,) int64 — played test songs per evaluated user
+    ap, auc, ndcg, recall : (n,) float64 — AP@ap_cutoff, AUC (NaN when every song is relevant),
+        NDCG@k and recall@k per user
+    """
+
+    users: np.ndarray
+    n_relevant: np.ndarray
+    ap: np.ndarray
+    auc: np.ndarray
+    ndcg: np.ndarray
+    recall: np.ndarray
+    k: int
+    ap_cutoff: int
+    n_songs: int
+    n_skipped: int
+
+    def summary(self) -> dict[str, float | int]:
+        """Means over users, keyed ``map@500``, ``auc``, ``ndcg@k``, ``recall@k`` and counts."""
+        auc_defined = ~np.isnan(self.auc)
+        return {
+            f"map@{self.ap_cutoff}": _mean(self.ap),
+            "auc": _mean(self.auc[auc_defined]),
+            f"ndcg@{self.k}": _mean(self.ndcg),
+            f"recall@{self.k}": _mean(self.recall),
+            "n_users": int(len(self.users)),
+            "n_users_auc": int(auc_defined.sum()),
+            "n_users_skipped": int(self.n_skipped),
+        }
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if len(x) else float("nan")
+
+
+def ranking_metrics(
+    user_factors: np.ndarray,
+    song_factors: np.ndarray,
+    relevant: sp.csr_matrix,
+    *,
+    k: int = DEFAULT_K,
+    ap_cutoff: int = AP_CUTOFF,
+    chunk_size: int | None = None,
+    workers: int | None = None,
+    show_progress: bool = False,
+) -> RankingMetrics:
+    """Rank every song for every user by ``user_factors @ song_factors.T`` and score the rankings.
+
+    Parameters
+    ----------
+    user_factors : (U, f) float
+    song_factors : (S, f) float
+    relevant : (U, S) sparse; nonzero entries are the songs each user played
+    k : cutoff of NDCG@k and recall@k
+    ap_cutoff : cutoff L of AP@L
+    chunk_size : users scored at once; None holds about 2**24 scores per chunk
+    workers : threads (numpy's comparisons and sorts release the GIL); None = min(4, CPU count)
+    """
+    user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
+    song_factors = np.ascontiguousarray(song_factors, dtype=np.float32)
+    n_users, n_songs = user_factors.shape[0], song_factors.shape[0]
+    if user_factors.shape[1] != song_factors.shape[1]:
+        raise DataError(
+            f"user factors have {user_factors.shape[1]} dimensions, song factors {song_factors.shape[1]}"
+        )
+    if not (np.isfinite(user_factors).all() and np.isfinite(song_factors).all()):
+        raise DataError("factors contain NaN or infinite values: re-run the stage that wrote them")
+    if k < 1 or ap_cutoff < 1:
+        raise ValueError("k and ap_cutoff must be >= 1")
+    relevant = sp.csr_matrix(relevant, dtype=np.float32)
+    if relevant.shape != (n_users, n_songs):
+        raise DataError(f"relevance matrix is {relevant.shape}, expected {(n_users, n_songs)}")
+    relevant.sum_duplicates()
+    relevant.eliminate_zeros()
+
+    n_rel_all = np.diff(relevant.indptr)
+    users = np.flatnonzero(n_rel_all).astype(np.int64)
+    n_skipped = n_users - len(users)
+    chunk_size = chunk_size or max(1, CHUNK_SCORES // max(n_songs, 1))
+    chunks = [users[i : i + chunk_size] for i in range(0, len(users), chunk_size)]
+    workers = workers or min(4, os.cpu_count() or 1)
+    # Discounts for NDCG: idcg[m] is the ideal DCG of m relevant songs (m <= k).
+    idcg = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
+
+    def run_chunk(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return _chunk_metrics(
+            user_factors[rows], song_factors, relevant[rows], k=k, ap_cutoff=ap_cutoff, idcg=idcg
+        )
+
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(
+            tqdm(
+                pool.map(run_chunk, chunks),
+                total=len(chunks),
+                desc="ranking",
+                unit="chunk",
+                disable=not show_progress,
+            )
+        )
+    ap, auc, ndcg, recall = (
+        np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(4)
+    )
+    return RankingMetrics(
+        users=users,
+        n_relevant=n_rel_all[users].astype(np.int64),
+        ap=ap,
+        auc=auc,
+        ndcg=ndcg,
+        recall=recall,
+        k=k,
+        ap_cutoff=ap_cutoff,
+        n_songs=n_songs,
+        n_skipped=int(n_skipped),
+    )
+
+
+def _chunk_metrics(
+    user_factors: np.ndarray,
+    song_factors: np.ndarray,
+    relevant: sp.csr_matrix,
+    *,
+    k: int,
+    ap_cutoff: int,
+    idcg: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Metrics of one chunk of users that all have >= 1 relevant song. Returns four (B,) arrays."""
+    n_songs = song_factors.shape[0]
+    scores = user_factors @ song_factors.T  # (B, S)
+    indptr, indices = relevant.indptr, relevant.indices
+    n_rel = np.diff(indptr)  # (B,)
+    rows = np.repeat(np.arange(len(n_rel)), n_rel)  # (nnz,) user of each relevant pair
+    rel_scores = scores[rows, indices]  # (nnz,)
+    # Songs strictly below / above each relevant score in its user's row: counted directly for
+    # users with few relevant songs, by binary search in the sorted row for the others.
+    below = np.empty(len(rows), dtype=np.int64)
+    above = np.empty(len(rows), dtype=np.int64)
+    for r in range(len(n_rel)):
+        seg = slice(indptr[r], indptr[r + 1])
+        row, values = scores[r], rel_scores[seg]
+        if len(values) <= COUNT_DIRECTLY:
+            below[seg] = np.count_nonzero(row < values[:, None], axis=1)
+            above[seg] = np.count_nonzero(row > values[:, None], axis=1)
+        else:
+            ordered = np.sort(row)
+            below[seg] = np.searchsorted(ordered, values, side="left")
+            above[seg] = n_songs - np.searchsorted(ordered, values, side="right")
+    tied = n_songs - below - above  # includes the song itself
+
+    # AUC by the Mann-Whitney statistic with mid-ranks (ties count one half).
+    midrank = below + (tied + 1) / 2.0
+    n_neg = n_songs - n_rel
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (np.bincount(rows, midrank, len(n_rel)) - n_rel * (n_rel + 1) / 2.0) / (n_rel * n_neg)
+    auc[n_neg == 0] = np.nan
+
+    # Rank positions: relevant songs of a user in descending score order; j-th of them (1-based)
+    # sits at position j + max_{i <= j}(above_i + 1 - i), which keeps tied relevant songs consecutive.
+    order = np.lexsort((above, rows))
+    rows_o, above_o = rows[order], above[order]
+    j = np.arange(len(rows_o)) - indptr[:-1][rows_o] + 1
+    big = 4 * (n_songs + 1)  # separates users in one running maximum
+    offset = rows_o.astype(np.int64) * big
+    position = j + np.maximum.accumulate(above_o + 1 - j + offset) - offset
+
+    in_ap = position <= ap_cutoff
+    ap = np.bincount(rows_o[in_ap], j[in_ap] / position[in_ap], len(n_rel)) / np.minimum(n_rel, ap_cutoff)
+    in_k = position <= k
+    dcg = np.bincount(rows_o[in_k], 1.0 / np.log2(position[in_k] + 1.0), len(n_rel))
+    ndcg = dcg / idcg[np.minimum(n_rel, k)]
+    recall = np.bincount(rows_o[in_k], minlength=len(n_rel)) / n_rel
+    return ap, auc, ndcg, recall
+
+
+# --- data of one split ----------------------------------------------------------------------------
+
+
+def relevance_matrix(
+    plays: pd.DataFrame, user_ids: np.ndarray, song_ids: np.ndarray
+) -> tuple[sp.csr_matrix, int]:
+    """Binary (U, S) matrix of which user played which of ``song_ids``.
+
+    Returns the matrix and the number of distinct users who played one of the songs but have no
+    user factor (they cannot be scored and are left out).
+    """
+    plays = plays[plays["track_id"].isin(pd.Index(song_ids))]
+    user_rows = pd.Index(user_ids).get_indexer(plays["user_id"])
+    song_cols = pd.Index(song_ids).get_indexer(plays["track_id"])
+    known = user_rows >= 0
+    n_unknown = int(plays.loc[~known, "user_id"].nunique())
+    matrix = sp.csr_matrix(
+        (np.ones(int(known.sum()), dtype=np.float32), (user_rows[known], song_cols[known])),
+        shape=(len(user_ids), len(song_ids)),
+    )
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix, n_unknown
+
+
+def load_predictions(path: Path, n_factors: int) -> tuple[np.ndarray, np.ndarray]:
+    """A predictions file: ``song_ids`` (S,) str and ``factors`` (S, n_factors) float32."""
+    try:
+        data = load_npz(path)
+        song_ids, pred = data["song_ids"].astype(str), data["factors"].astype(np.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(
+            f"{path}: not a predictions file with song_ids and factors ({exc}); delete it or re-run "
+            "the stage that wrote it"
+        ) from exc
+    if pred.ndim != 2 or pred.shape != (len(song_ids), n_factors):
+        raise DataError(
+            f"{path}: factors have shape {pred.shape}, expected ({len(song_ids)}, {n_factors}) to "
+            "match RUN/cf/factors.npz; re-run the stage that wrote it"
+        )
+    if not np.isfinite(pred).all() or len(np.unique(song_ids)) < len(song_ids):
+        raise DataError(f"{path}: NaN/infinite factors or repeated song ids; re-run the stage that wrote it")
+    return song_ids, pred
+
+
+# --- the comparison of models ---------------------------------------------------------------------
+
+
+def evaluate_models(
+    factors: Factors,
+    plays: pd.DataFrame,
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    split: str = "test",
+    k: int = DEFAULT_K,
+    ap_cutoff: int = AP_CUTOFF,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> dict:
+    """Compare predicted song factors, the baselines and the upper bound on one song split.
+
+    Parameters
+    ----------
+    factors : WMF factors with the split; user factors score every model
+    plays : DataFrame[user_id, track_id, count]; plays of the split's songs are the ground truth
+    predictions : name -> (song_ids (S,) str, factors (S, f)); e.g. mfcc-linear, cnn-mse
+    seed : seed of the random baseline and of the popularity tie-break
+
+    Returns
+    -------
+    dict with ``data`` (users, songs, plays evaluated) and ``models`` (one row per model). Every
+    model ranks the same songs: the split's songs present in every predictions file.
+    """
+    split_songs = factors.songs(split)
+    if len(split_songs) == 0:
+        raise DataError(f"the factors have no {split!r} songs: factorize with a nonzero {split} fraction")
+    songs = split_songs
+    for name, (song_ids, _) in predictions.items():
+        kept = songs[np.isin(songs, song_ids)]
+        if len(kept) < len(songs):
+            log.warning("%s lacks %d of the %s songs; they are left out for every model",
+                        name, len(songs) - len(kept), split)
+        songs = kept
+    if len(songs) < 2:
+        raise DataError(f"fewer than 2 {split} songs have predictions from every model")
+
+    relevant, n_unknown_users = relevance_matrix(plays, factors.user_ids, songs)
+    split_plays = plays[plays["track_id"].isin(pd.Index(songs))]
+    rows = factors.song_index(songs)
+    rng = np.random.default_rng(seed)
+    counts = split_plays.groupby("track_id")["count"].sum().reindex(songs, fill_value=0).to_numpy()
+
+    candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        "random": (
+            rng.standard_normal((len(factors.user_ids), RANDOM_DIM)),
+            rng.standard_normal((len(songs), RANDOM_DIM)),
+        ),
+        # Ties in play counts are broken at random (a uniform offset below one play).
+        "popularity": (
+            np.ones((len(factors.user_ids), 1)),
+            (counts + 0.5 * rng.random(len(songs)))[:, None],
+        ),
+    }
+    for name, (song_ids, pred) in predictions.items():
+        index = pd.Index(song_ids).get_indexer(songs)
+        candidates[name] = (factors.user_factors, pred[index])
+    candidates["upper-bound-unit"] = (factors.user_factors, unit_rows(factors.song_factors[rows]))
+    candidates["upper-bound"] = (factors.user_factors, factors.song_factors[rows])
+
+    n_listeners = int(np.count_nonzero(np.diff(relevant.indptr)))
+    results = []
+    for name in _ordered(candidates):
+        log.info("evaluating %s: %d users x %d %s songs", name, n_listeners, len(songs), split)
+        user_f, song_f = candidates[name]
+        metrics = ranking_metrics(
+            user_f, song_f, relevant, k=k, ap_cutoff=ap_cutoff, show_progress=show_progress
+        )
+        results.append({"model": name, **metrics.summary(), "note": MODEL_NOTES.get(name, "")})
+    summary = results[-1]
+    return {
+        "split": split,
+        "k": k,
+        "ap_cutoff": ap_cutoff,
+        "seed": seed,
+        "data": {
+            "n_users": summary["n_users"],
+            "n_users_skipped_no_plays": summary["n_users_skipped"],
+            "n_users_without_factors": n_unknown_users,
+            "n_songs": int(len(songs)),
+            "n_songs_left_out": int(len(split_songs) - len(songs)),
+            "n_user_song_pairs": int(relevant.nnz),
+            "n_plays": int(split_plays["count"].sum()),
+        },
+        "models": results,
+    }
+
+
+def _ordered(names) -> list[str]:
+    known = [n for n in MODEL_ORDER if n in names]
+    others = sorted(n for n in names if n not in MODEL_ORDER and n not in UPPER_BOUNDS)
+    return known + others + [n for n in UPPER_BOUNDS if n in names]
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+
+def results_markdown(results: dict, *, description: str | None = None) -> str:
+    """The results as a Markdown table shaped like the paper's, preceded by what data was used."""
+    d, k, cut = results["data"], results["k"], results["ap_cutoff"]
+    lines = [f"# Cold-start evaluation ({results['split']} songs)", ""]
+    if description:
+        lines += [description, ""]
+    lines += [
+        f"{d['n_users']:,} users x {d['n_songs']:,} held-out songs; {d['n_user_song_pairs']:,} "
+        f"(user, song) pairs played, {d['n_plays']:,} plays. Users without a play of these songs "
+        f"skipped: {d['n_users_skipped_no_plays']:,}; users without factors: "
+        f"{d['n_users_without_factors']:,}; {results['split']} songs left out (no prediction): "
+        f"{d['n_songs_left_out']:,}.",
+        "",
+        f"| model | mAP@{cut} | AUC | NDCG@{k} | recall@{k} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in results["models"]:
+        name = f"{row['model']} (warm-start reference)" if row["model"] == "popularity" else row["model"]
+        lines.append(
+            f"| {name} | {row[f'map@{cut}']:.5f} | {row['auc']:.5f} | {row[f'ndcg@{k}']:.5f} "
+            f"| {row[f'recall@{k}']:.5f} |"
+        )
+    lines += ["", "Models:", ""]
+    lines += [f"- **{row['model']}**: {row['note']}" for row in results["models"] if row["note"]]
+    lines += [
+        "",
+        f"mAP@{cut}: AP truncated at {cut} and normalised by min(#played, {cut}), averaged over users; "
+        "AUC per user, averaged; binary relevance (played or not). See `sonicrec.evaluate`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Bar chart of mAP and AUC per model, written atomically to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['model']} (warm ref.)" if r["model"] == "popularity" else r["model"]
+             for r in results["models"]]
+    cut = results["ap_cutoff"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, key, title, chance in (
+        (axes[0], f"map@{cut}", f"mAP@{cut}", None),
+        (axes[1], "auc", "AUC", 0.5),
+    ):
+        values = [r[key] for r in results["models"]]
+        ax.barh(names, values, color=["#999999" if "warm" in n else "#3070b0" for n in names])
+        ax.set_title(title)
+        if chance is not None:
+            ax.axvline(chance, color="k", lw=0.8, ls="--")
+    axes[0].invert_yaxis()  # shared: the first model on top
+    data = results["data"]
+    fig.suptitle(f"Cold-start evaluation: {data['n_users']:,} users x {data['n_songs']:,} "
+                 f"{results['split']} songs")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def evaluate_run(
+    run: RunDir | str | Path,
+    *,
+    split: str = "test",
+    k: int = DEFAULT_K,
+    seed: int = 0,
+    description: str | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Evaluate every model of a run; write RUN/evaluation/results.json, results.md and results.png.
+
+    Reads RUN/cf/factors.npz, RUN/plays.parquet and every RUN/predictions/*.npz.
+    ``description`` is written above the table; by default, plays marked simulated (the Parquet
+    key-value metadata ``simulated=true`` of the demo world) are said to be simulated.
+    """
+    from sonicrec.interactions import read_plays
+
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    factors = Factors.load(run.factors)
+    plays = read_plays(run.plays, fmt="parquet", show_progress=show_progress)
+    if description is None and _marked_simulated(run.plays):
+        description = "Listeners and their plays are SIMULATED (demo world); the music is real."
+    predictions = {
+        path.stem: load_predictions(path, factors.n_factors)
+        for path in sorted(run.predictions.glob("*.npz"))
+    }
+    if not predictions:
+        log.warning("no predictions in %s: only the baselines and the upper bound are evaluated",
+                    run.predictions)
+    results = evaluate_models(
+        factors, plays, predictions, split=split, k=k, seed=seed, show_progress=show_progress
+    )
+    if description:
+        results["description"] = description
+    out = run.evaluation
+    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(results, description=description))
+    plot_results(results, out / "results.png")
+    return results
+
+
+def _marked_simulated(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return metadata.get(b"simulated") == b"true"
+
+
+def _jsonable(obj):
+    """NaN (undefined metric) becomes null, so results.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {key: _jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(value) for value in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
