@@ -15,7 +15,7 @@ def test_changed_values_round_trip_through_a_file(tmp_path):
     cfg = Config(
         audio=AudioConfig(excerpt_offset=12.5, fmax=8000.0),
         cf=CFConfig(engine="spark", factors=50, alpha=10),
-        model=ModelConfig(conv_channels=(8, 16), dense_units=(32,)),
+        model=ModelConfig(conv_channels=(8, 16, 16), dense_units=(32,)),
         train=TrainConfig(loss="wpe", crop_frames=512),
         demo=DemoConfig(n_tracks=50, n_users=40, n_plays=400, seed=7),
     )
@@ -23,7 +23,7 @@ def test_changed_values_round_trip_through_a_file(tmp_path):
     cfg.save(path)
     loaded = Config.load(path)
     assert loaded == cfg
-    assert loaded.model.conv_channels == (8, 16)
+    assert loaded.model.conv_channels == (8, 16, 16)
     assert isinstance(loaded.cf.alpha, float)
 
 

@@ -31,11 +31,11 @@ class AudioConfig:
     excerpt_offset: float | None = None  # seconds from the start; None = centred in the track
     n_mels: int = 128
     n_fft: int = 2048
-    hop_length: int = 1104
+    hop_length: int = 1105  # centred frames: n_frames = 1 + excerpt samples // hop_length
     n_frames: int = 599
     fmin: float = 0.0
     fmax: float | None = None  # None = sample_rate / 2
-    log_floor: float = 1e-5  # log compression: log(max(mel, floor))
+    log_floor: float = 1e-5  # log compression in dB: 10 * log10(max(mel power, floor))
 
     def __post_init__(self) -> None:
         _check(8000 <= self.sample_rate <= 96000, f"audio.sample_rate={self.sample_rate} out of range")
@@ -43,6 +43,17 @@ class AudioConfig:
         _check(self.n_mels > 0 and self.n_fft > 0 and self.hop_length > 0, "audio sizes must be > 0")
         _check(self.n_frames > 0, "audio.n_frames must be positive")
         _check(self.log_floor > 0, "audio.log_floor must be positive")
+        _check(
+            0 <= self.fmin < (self.fmax or self.sample_rate / 2) <= self.sample_rate / 2,
+            "audio: need 0 <= fmin < fmax <= sample_rate / 2",
+        )
+        frames = 1 + round(self.excerpt_seconds * self.sample_rate) // self.hop_length
+        _check(
+            frames == self.n_frames,
+            f"audio.n_frames={self.n_frames}, but excerpt_seconds={self.excerpt_seconds} at "
+            f"sample_rate={self.sample_rate} with hop_length={self.hop_length} gives {frames} frames: "
+            f"set n_frames = {frames} (or change hop_length)",
+        )
 
 
 @dataclass(frozen=True)
@@ -84,11 +95,50 @@ class ModelConfig:
     dense_units: tuple[int, ...] = (2048, 2048)
     dropout: float = 0.5
     window_frames: int = 130  # paper variant: ~3 s at the default hop
+    window_hop: int = 65  # paper variant: frames between the starts of consecutive windows
+    input_norm: str = "band"  # "band": per-mel-band mean/std of the training set; "none"
+    batch_norm: bool = False  # BatchNorm after each convolution (not in the blog model)
 
     def __post_init__(self) -> None:
         _check(self.architecture in ("blog", "paper"), f"model.architecture={self.architecture!r}")
         _check(len(self.conv_channels) > 0, "model.conv_channels must not be empty")
         _check(0 <= self.dropout < 1, "model.dropout must be in [0, 1)")
+        _check(self.n_mels > 0 and self.n_factors > 0, "model.n_mels and n_factors must be > 0")
+        _check(self.kernel_size > 0, "model.kernel_size must be > 0")
+        _check(
+            all(c > 0 for c in self.conv_channels + self.dense_units)
+            and all(p > 0 for p in self.pool_sizes),
+            "model.conv_channels, pool_sizes and dense_units must be positive",
+        )
+        _check(
+            len(self.pool_sizes) <= len(self.conv_channels),
+            "model.pool_sizes: at most one pooling size per convolution",
+        )
+        _check(self.window_hop > 0, "model.window_hop must be > 0")
+        _check(self.input_norm in ("band", "none"), f"model.input_norm={self.input_norm!r}: band|none")
+        _check(
+            self.architecture != "paper" or self.window_frames >= self.min_frames,
+            f"model.window_frames={self.window_frames} is shorter than the network's "
+            f"receptive field ({self.min_frames} frames)",
+        )
+
+    @property
+    def min_frames(self) -> int:
+        """The shortest input (frames) that leaves at least one time step after the last layer."""
+        frames = 1
+        for i in reversed(range(len(self.conv_channels))):
+            if i < len(self.pool_sizes):
+                frames *= self.pool_sizes[i]
+            frames += self.kernel_size - 1
+        return frames
+
+    @classmethod
+    def small(cls, **overrides: Any) -> ModelConfig:
+        """A narrow model of the same shape that trains on a 2-core CPU in minutes (demo size)."""
+        values: dict[str, Any] = dict(
+            conv_channels=(32, 64, 64, 64), dense_units=(256, 256), dropout=0.3, batch_norm=True
+        )
+        return cls(**{**values, **overrides})
 
 
 @dataclass(frozen=True)
@@ -103,7 +153,8 @@ class TrainConfig:
     batch_size: int = 32
     epochs: int = 30
     patience: int = 5
-    crop_frames: int | None = None  # random time-shift crop length; None = no crop
+    crop_frames: int | None = None  # random time-shift crop length; None = whole excerpt (blog)
+    # or model.window_frames (paper)
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -113,6 +164,8 @@ class TrainConfig:
         _check(self.optimizer in ("sgd", "adam"), f"train.optimizer={self.optimizer!r}: sgd|adam")
         _check(self.batch_size > 0 and self.epochs > 0, "train.batch_size and epochs must be > 0")
         _check(self.learning_rate > 0, "train.learning_rate must be positive")
+        _check(self.crop_frames is None or self.crop_frames > 0, "train.crop_frames must be > 0")
+        _check(self.patience > 0 and self.num_workers >= 0, "train.patience > 0, num_workers >= 0")
 
 
 @dataclass(frozen=True)
@@ -132,12 +185,30 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """Nearest-neighbour search over factors: HNSW (voyager) from ``exact_below`` vectors, exact below."""
+
+    exact_below: int = 20_000  # fewer vectors than this: exact numpy search
+    m: int = 16  # HNSW graph degree (voyager's M)
+    ef_construction: int = 200
+    ef: int = 100  # search depth of a query (raised to k when k is larger)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.exact_below >= 0, "index.exact_below must be >= 0")
+        _check(self.m >= 2, f"index.m={self.m}: must be >= 2")
+        _check(self.ef_construction > 0 and self.ef > 0, "index.ef_construction and index.ef must be > 0")
+        _check(0 <= self.seed < 2**32, f"index.seed={self.seed}: must be in [0, 2**32)")
+
+
+@dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     cf: CFConfig = field(default_factory=CFConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def replace(self, **sections: Any) -> Config:
         """A copy with sections replaced, e.g. ``cfg.replace(cf=dataclasses.replace(cfg.cf, factors=50))``."""

@@ -46,3 +46,7 @@ def require(module: str, extra: str):
         raise MissingExtraError(
             f"{module} is needed for this feature: pip install 'sonicrec[{extra}]'"
         ) from exc
+
+
+class TrainingError(SonicrecError):
+    """Training cannot go on (non-finite loss, too few usable songs)."""

@@ -1,0 +1,431 @@
+"""The feature store (log-mel spectrograms on disk) and the ingest job that fills it.
+
+Layout of a store directory (RUN/features/)::
+
+    store.json             format version, shapes, dtype, the AudioConfig that made the features
+    shard-000000.npy       float16 (rows, n_mels, n_frames), at most ``shard_size`` rows
+    shard-000000.json      {"track_ids": [...]}: row i of the shard is track_ids[i]
+
+A shard is committed by writing its ``.npy`` and then its ``.json`` (each atomically): a shard
+without its ``.json`` was never committed and is neither read nor kept. Readers build an id ->
+(shard, row) dict from the ``.json`` files and memory-map shards lazily, so a store of a million
+tracks (~150 GB) is read without loading it and each track costs O(1) to find.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sonicrec.catalog import Catalog, Track
+from sonicrec.config import AudioConfig, Config
+from sonicrec.errors import AudioError, ConfigError, DataError, UnknownIdError
+from sonicrec.io import atomic_path, atomic_write_text
+from sonicrec.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DTYPE = np.float16
+DEFAULT_SHARD_SIZE = 256  # 256 x 128 x 599 float16 = 39 MB per shard
+_SHARD_NAME = re.compile(r"^shard-(\d{6})\.json$")
+_SHARD_DATA = re.compile(r"^shard-(\d{6})\.npy$")
+
+
+def _shard_stem(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def _committed_shards(root: Path) -> list[tuple[int, list[str]]]:
+    """(shard index, track ids) of every committed shard, in shard order."""
+    shards = []
+    for entry in os.scandir(root):
+        match = _SHARD_NAME.match(entry.name)
+        if match:
+            ids = json.loads(Path(entry.path).read_text(encoding="utf-8"))["track_ids"]
+            shards.append((int(match.group(1)), ids))
+    return sorted(shards)
+
+
+class FeatureStore:
+    """Read-only access to a feature store: ``store.get(track_id) -> (n_mels, n_frames) float16``.
+
+    Shards are memory-mapped on first use, separately in each process, so a store can be handed
+    to DataLoader worker processes (forked or spawned).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "store.json"
+        if not meta_path.is_file():
+            raise DataError(f"{self.root}: not a feature store (no store.json); run `sonicrec ingest` first")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.n_mels: int = meta["n_mels"]
+        self.n_frames: int = meta["n_frames"]
+        self.audio_config = AudioConfig(**meta["audio"])
+        self._index: dict[str, tuple[int, int]] = {}
+        for shard, ids in _committed_shards(self.root):
+            for row, track_id in enumerate(ids):
+                self._index[track_id] = (shard, row)
+        self._maps: dict[int, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    @property
+    def track_ids(self) -> list[str]:
+        """Ids of the stored tracks, in storage order."""
+        return list(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, track_id: object) -> bool:
+        return track_id in self._index
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = {}  # memory maps are reopened in the receiving process
+        return state
+
+    def _shard(self, index: int) -> np.ndarray:
+        if self._pid != os.getpid():  # forked: do not share the parent's maps
+            self._maps, self._pid = {}, os.getpid()
+        shard = self._maps.get(index)
+        if shard is None:
+            shard = np.load(self.root / f"{_shard_stem(index)}.npy", mmap_mode="r", allow_pickle=False)
+            self._maps[index] = shard
+        return shard
+
+    def get(self, track_id: str) -> np.ndarray:
+        """The log-mel spectrogram of one track, float16 (n_mels, n_frames), memory-mapped read-only."""
+        try:
+            shard, row = self._index[track_id]
+        except KeyError:
+            raise UnknownIdError(f"track {track_id!r} is not in the feature store {self.root}") from None
+        return self._shard(shard)[row]
+
+    def get_many(self, track_ids: Sequence[str]) -> np.ndarray:
+        """Log-mel spectrograms of several tracks, float16 (B, n_mels, n_frames), in the given order."""
+        out = np.empty((len(track_ids), self.n_mels, self.n_frames), dtype=DTYPE)
+        for i, track_id in enumerate(track_ids):
+            out[i] = self.get(track_id)
+        return out
+
+
+class FeatureStoreWriter:
+    """Appends features to a store, one atomically committed shard at a time.
+
+    Opening an existing store checks that it was made with the same audio configuration, removes
+    what an interrupted writer left behind (temporary files, uncommitted shards) and continues
+    with new shards. Use as a context manager: leaving the block commits the pending rows.
+    """
+
+    def __init__(self, root: str | Path, cfg: AudioConfig, *, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+        if shard_size <= 0:
+            raise ValueError("shard_size must be positive")
+        self.root = Path(root)
+        self.cfg = cfg
+        self.shard_size = shard_size
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._check_or_create_meta()
+        shards = _committed_shards(self.root)
+        self._stored = {track_id for _, ids in shards for track_id in ids}
+        self._next_shard = shards[-1][0] + 1 if shards else 0
+        self._remove_uncommitted({index for index, _ in shards})
+        self._buffer = np.empty((shard_size, cfg.n_mels, cfg.n_frames), dtype=DTYPE)
+        self._pending: list[str] = []
+
+    def _check_or_create_meta(self) -> None:
+        meta_path = self.root / "store.json"
+        audio = asdict(self.cfg)
+        if meta_path.is_file():
+            stored = json.loads(meta_path.read_text(encoding="utf-8"))
+            if stored.get("audio") != audio:
+                raise ConfigError(
+                    f"{self.root} holds features made with audio settings {stored.get('audio')}, not "
+                    f"{audio}: use the same [audio] config or delete {self.root} to start over"
+                )
+            return
+        if any(self.root.iterdir()):
+            raise DataError(f"{self.root} is not empty and is not a feature store: choose another directory")
+        meta = {
+            "format": FORMAT_VERSION, "dtype": np.dtype(DTYPE).name, "n_mels": self.cfg.n_mels,
+            "n_frames": self.cfg.n_frames, "shard_size": self.shard_size, "audio": audio,
+        }
+        atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+
+    def _remove_uncommitted(self, committed: set[int]) -> None:
+        for entry in os.scandir(self.root):
+            name = entry.name
+            data = _SHARD_DATA.match(name)
+            if (data and int(data.group(1)) not in committed) or (name.startswith(".") and ".tmp" in name):
+                log.info("removing %s left by an interrupted ingest", entry.path)
+                os.unlink(entry.path)
+
+    def __contains__(self, track_id: object) -> bool:
+        return track_id in self._stored or track_id in self._pending
+
+    def add(self, track_id: str, features: np.ndarray) -> list[str]:
+        """Queue one track's (n_mels, n_frames) features; returns the ids committed by this call."""
+        if track_id in self:
+            raise DataError(f"track {track_id!r} is already in the feature store {self.root}")
+        expected = (self.cfg.n_mels, self.cfg.n_frames)
+        if features.shape != expected:
+            raise ValueError(f"track {track_id}: features of shape {features.shape}, expected {expected}")
+        self._buffer[len(self._pending)] = features
+        self._pending.append(track_id)
+        return self.commit() if len(self._pending) == self.shard_size else []
+
+    def commit(self) -> list[str]:
+        """Write the pending rows as a new shard (data first, then its id list); returns their ids."""
+        if not self._pending:
+            return []
+        stem = _shard_stem(self._next_shard)
+        with atomic_path(self.root / f"{stem}.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, self._buffer[: len(self._pending)], allow_pickle=False)
+        atomic_write_text(self.root / f"{stem}.json", json.dumps({"track_ids": self._pending}) + "\n")
+        committed, self._pending = self._pending, []
+        self._stored.update(committed)
+        self._next_shard += 1
+        return committed
+
+    def __enter__(self) -> FeatureStoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.commit()
+
+
+# --- ingest -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest run did: tracks newly stored, newly failed, and left as they were."""
+
+    ok: int
+    failed: int
+    skipped: int
+
+
+@dataclass(frozen=True)
+class _Extracted:
+    track_id: str
+    features: np.ndarray | None  # float16 (n_mels, n_frames), None on failure
+    duration: float | None
+    offset: float | None
+    padded: bool
+    error: str | None
+
+
+def _extract(track_id: str, path: str | None, cfg: AudioConfig) -> _Extracted:
+    """Features of one track; every failure is returned as a reason, never raised."""
+    from sonicrec.audio import load_excerpt, logmel
+
+    try:
+        if not path:
+            raise AudioError(f"track {track_id} has no audio path in the catalog")
+        excerpt = load_excerpt(path, cfg)
+        features = logmel(excerpt.samples[None], cfg)[0].astype(DTYPE)
+        return _Extracted(track_id, features, excerpt.duration, excerpt.offset, excerpt.padded, None)
+    except AudioError as exc:
+        return _Extracted(track_id, None, None, None, False, str(exc))
+    except Exception as exc:  # a decoder bug or exhausted memory must not stop a catalog
+        reason = f"{path}: unexpected {type(exc).__name__}: {exc}"
+        return _Extracted(track_id, None, None, None, False, reason)
+
+
+_worker_cfg: AudioConfig | None = None
+
+
+def _init_worker(cfg: AudioConfig) -> None:
+    import torch
+
+    global _worker_cfg
+    _worker_cfg = cfg
+    torch.set_num_threads(1)  # one core per worker process
+
+
+def _extract_in_worker(task: tuple[str, str | None]) -> _Extracted:
+    assert _worker_cfg is not None
+    return _extract(*task, _worker_cfg)
+
+
+def _extract_all(tasks: list[tuple[str, str | None]], cfg: AudioConfig, workers: int) -> Iterator[_Extracted]:
+    """Results in task order, computed here (workers <= 1) or by a pool of worker processes."""
+    if workers <= 1:
+        for track_id, path in tasks:
+            yield _extract(track_id, path, cfg)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        yield from pool.imap(_extract_in_worker, tasks, chunksize=4)
+
+
+def ingest_run(
+    run: RunDir | str | Path,
+    cfg: AudioConfig | None = None,
+    *,
+    workers: int = 1,
+    strict: bool = False,
+    retry_failed: bool = False,
+    show_progress: bool = True,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> IngestResult:
+    """Extract features of the catalog tracks not yet in the run's feature store.
+
+    Tracks marked ``failed`` are left alone unless ``retry_failed``. A track becomes ``ok`` in the
+    catalog once its shard is committed; a failure is recorded with its reason. Re-running after an
+    interruption continues where the last committed shard ended.
+
+    Parameters
+    ----------
+    run : the run directory (RUN/catalog.sqlite is read, RUN/features/ written).
+    cfg : audio settings; None = ``Config.load(RUN/config.toml).audio`` or the defaults.
+    workers : extraction processes (<= 1: in this process).
+    strict : raise the first failure as :class:`AudioError` instead of recording it and going on.
+    """
+    from tqdm.auto import tqdm
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if cfg is None:
+        cfg = Config.load(run.config).audio if run.config.is_file() else AudioConfig()
+    ok = failed = 0
+    writer = FeatureStoreWriter(run.features, cfg, shard_size=shard_size)
+    with Catalog(run.catalog) as catalog, writer as store:
+        todo, done_rows = [], []
+        for track in catalog.tracks():
+            if track.track_id in store:
+                if track.status != "ok":  # committed just before an interruption
+                    track.status, track.error = "ok", None
+                    done_rows.append(track)
+            elif track.status != "failed" or retry_failed:
+                todo.append(track)
+        catalog.upsert(done_rows)
+        skipped = len(catalog) - len(todo)
+        log.info("ingest: %d tracks to extract, %d already done or failed", len(todo), skipped)
+        by_id = {t.track_id: t for t in todo}
+        finished: dict[str, Track] = {}  # extracted, waiting for their shard to be committed
+        failures: list[Track] = []
+
+        def record(committed: list[str]) -> None:
+            catalog.upsert([finished.pop(track_id) for track_id in committed] + failures)
+            failures.clear()
+
+        tasks = [(t.track_id, t.path) for t in todo]
+        try:
+            progress = tqdm(total=len(tasks), unit="track", desc="ingest", disable=not show_progress)
+            with progress:
+                for result in _extract_all(tasks, cfg, workers):
+                    track = by_id.pop(result.track_id)
+                    progress.update()
+                    if result.error is not None:
+                        track.status, track.error = "failed", result.error
+                        failures.append(track)
+                        failed += 1
+                        if strict:
+                            raise AudioError(f"{result.error} (--strict: stopping at the first failure)")
+                        log.warning("%s", result.error)
+                        continue
+                    track.status, track.error, track.duration = "ok", None, result.duration
+                    track.meta = {
+                        **track.meta, "excerpt_offset": result.offset, "excerpt_padded": result.padded
+                    }
+                    finished[track.track_id] = track
+                    record(store.add(track.track_id, result.features))
+                    ok += 1
+        finally:
+            record(store.commit())  # an interrupted run keeps every track extracted so far
+    return IngestResult(ok=ok, failed=failed, skipped=skipped)
+
+
+# --- registering audio files --------------------------------------------------------------------
+
+
+def discover_tracks(paths: Iterable[str | Path]) -> list[Track]:
+    """Tracks (status "new") for audio files, folders (searched recursively) and CSV/TSV manifests.
+
+    A manifest has a header with at least ``track_id,path`` (optional ``title``, ``artist``);
+    relative paths are relative to the manifest. A file's id is its name, or, inside a given folder,
+    its path relative to that folder (e.g. ``jazz/take1.mp3``).
+    """
+    from sonicrec.audio import AUDIO_EXTENSIONS
+
+    tracks: list[Track] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+            if not files:
+                log.warning("no audio files (%s) under %s", " ".join(AUDIO_EXTENSIONS), item)
+            for f in files:
+                track_id = f.relative_to(item).as_posix()
+                tracks.append(Track(track_id, path=str(f.resolve()), title=f.stem))
+        elif item.suffix.lower() in (".csv", ".tsv"):
+            tracks.extend(read_manifest(item))
+        elif item.exists():
+            tracks.append(Track(item.name, path=str(item.resolve()), title=item.stem))
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    seen: dict[str, str | None] = {}
+    for t in tracks:
+        if t.track_id in seen:
+            raise DataError(
+                f"track id {t.track_id!r} is used by both {seen[t.track_id]} and {t.path}: "
+                "give unique ids in a manifest (track_id,path)"
+            )
+        seen[t.track_id] = t.path
+    return tracks
+
+
+def read_manifest(path: str | Path) -> list[Track]:
+    """Tracks from a CSV (comma) or TSV (tab) manifest with columns ``track_id,path[,title,artist]``."""
+    path = Path(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh, delimiter=delimiter))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read manifest ({exc})") from exc
+    if not rows or not {"track_id", "path"} <= set(rows[0]):
+        raise DataError(f"{path}: a manifest needs a header line with columns track_id,path[,title,artist]")
+    tracks = []
+    for line, row in enumerate(rows, start=2):
+        track_id, file = (row.get("track_id") or "").strip(), (row.get("path") or "").strip()
+        if not track_id or not file:
+            raise DataError(f"{path}, line {line}: track_id and path must both be given")
+        file_path = Path(file) if Path(file).is_absolute() else path.parent / file
+        tracks.append(
+            Track(track_id, path=str(file_path.resolve()), title=row.get("title") or None,
+                  artist=row.get("artist") or None)
+        )
+    return tracks
+
+
+def register_tracks(catalog: Catalog, tracks: Iterable[Track]) -> int:
+    """Add new tracks to the catalog (status "new"); returns how many were new.
+
+    A track already registered with the same path is kept as it is (with its status); the same id
+    with another path is an error.
+    """
+    new = []
+    for t in tracks:
+        if t.track_id in catalog:
+            known = catalog.get(t.track_id)
+            if known.path != t.path:
+                raise DataError(
+                    f"track id {t.track_id!r} is already in {catalog.path} with path {known.path}, "
+                    f"not {t.path}: give it another id or use a new run directory"
+                )
+            continue
+        new.append(t)
+    catalog.upsert(new)
+    return len(new)
+

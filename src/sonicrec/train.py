@@ -1,0 +1,675 @@
+"""Training the CNN: a plain PyTorch loop from the feature store to song factors.
+
+Minibatch SGD with Nesterov momentum (or Adam) on one of two objectives:
+
+* ``mse``: squared error to the song's unit-normalised WMF factors, averaged over the k factors.
+* ``wpe``: the paper's weighted prediction error, the WMF objective with the user factors fixed.
+  For song i with predicted factors y (raw scale, not normalised)::
+
+      WPE_i(y) = sum_u c_ui (p_ui - x_u . y)^2 + lambda |y|^2          (sum over ALL users u)
+               = y' A_i y - 2 b_i' y + d_i,
+      A_i = X'X + sum_{u plays i} (c_ui - 1) x_u x_u' + lambda I,  b_i = sum_{u plays i} c_ui x_u,
+      d_i = sum_{u plays i} c_ui,
+
+  with p_ui = 1 if u played i else 0, c_ui = 1 + alpha log(1 + count / epsilon) (0 plays: c = 1)
+  and alpha, epsilon, lambda from ``CFConfig``. Its minimum is the ALS fold-in of song i. The loss
+  is ``WPE_i / s`` with one constant s = mean_i tr(A_i) over the training songs, so that its
+  curvature matches the MSE loss and the same learning rates work.
+
+Each epoch visits the training songs in a seeded random order, each cropped at a seeded random
+time shift (the crops are drawn by the sampler in the main process, so DataLoader workers only
+read the memory-mapped store). Validation runs on whole excerpts after every epoch; training
+stops early when it has not improved for ``patience`` epochs. After every epoch one checkpoint
+dict is written atomically to RUN/model/NAME/checkpoint.pt, and the per-epoch metrics to
+RUN/model/NAME/metrics.csv; ``resume=True`` continues from it bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from sonicrec.cf import confidence
+from sonicrec.config import CFConfig, Config
+from sonicrec.errors import ConfigError, DataError, TrainingError
+from sonicrec.factors import Factors
+from sonicrec.io import atomic_path
+from sonicrec.model import AudioCNN, select_device
+from sonicrec.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "sonicrec-cnn-1"
+MIN_TRAIN_SONGS = 8
+# Train settings that may change between a run and its resumption; every other one must match.
+_RESUMABLE_SETTINGS = ("epochs", "patience", "num_workers", "device")
+
+
+class LogMelStore(Protocol):
+    """What training reads from a feature store (``sonicrec.features.FeatureStore``)."""
+
+    n_mels: int
+    n_frames: int
+
+    @property
+    def track_ids(self) -> list[str]: ...
+
+    def get(self, track_id: str) -> np.ndarray: ...
+
+    def get_many(self, track_ids: Sequence[str]) -> np.ndarray: ...
+
+
+# --- objectives ---------------------------------------------------------------------------------
+
+
+class MSEObjective:
+    """Squared error to unit-normalised factors, mean over factors.
+
+    Parameters
+    ----------
+    targets : (N, k) unit-normalised song factors; songs are addressed by row.
+    """
+
+    name = "mse"
+    target = "unit"
+
+    def __init__(self, targets: np.ndarray) -> None:
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def to(self, device: torch.device) -> MSEObjective:
+        self.targets = self.targets.to(device)
+        return self
+
+    def per_song(self, pred: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Loss of each song: pred (B, k), rows (B,) -> (B,)."""
+        return ((pred - self.targets[rows]) ** 2).mean(dim=1)
+
+    def best_constant(self) -> torch.Tensor:
+        """(k,) the single prediction with the least total loss: the mean target."""
+        return self.targets.mean(dim=0)
+
+
+class WPEObjective:
+    """Weighted prediction error (module docstring), as quadratic forms of the prediction.
+
+    Parameters
+    ----------
+    quad : (N, k, k) A_i;  lin : (N, k) b_i;  const : (N,) d_i;  scale : the constant s.
+    """
+
+    name = "wpe"
+    target = "raw"
+
+    def __init__(self, quad: np.ndarray, lin: np.ndarray, const: np.ndarray, scale: float) -> None:
+        self.quad = torch.as_tensor(np.asarray(quad, dtype=np.float32))
+        self.lin = torch.as_tensor(np.asarray(lin, dtype=np.float32))
+        self.const = torch.as_tensor(np.asarray(const, dtype=np.float32))
+        self.scale = float(scale)
+
+    def __len__(self) -> int:
+        return len(self.const)
+
+    def to(self, device: torch.device) -> WPEObjective:
+        self.quad, self.lin, self.const = (t.to(device) for t in (self.quad, self.lin, self.const))
+        return self
+
+    def per_song(self, pred: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Loss of each song: pred (B, k), rows (B,) -> (B,)."""
+        quadratic = torch.einsum("bi,bij,bj->b", pred, self.quad[rows], pred)
+        return (quadratic - 2 * (self.lin[rows] * pred).sum(dim=1) + self.const[rows]) / self.scale
+
+    def best_constant(self) -> torch.Tensor:
+        """(k,) the single prediction with the least total loss: (sum A_i)^-1 sum b_i."""
+        a, b = self.quad.double().sum(dim=0), self.lin.double().sum(dim=0)
+        return torch.linalg.solve(a, b).float()
+
+    @classmethod
+    def from_plays(
+        cls,
+        plays: pd.DataFrame,
+        factors: Factors,
+        song_ids: Sequence[str],
+        cf: CFConfig,
+        *,
+        scale: float | None = None,
+    ) -> tuple[list[str], WPEObjective]:
+        """Build the objective of ``song_ids`` from their play counts and the fixed user factors.
+
+        Songs without plays by a user with factors are skipped (logged). ``scale`` defaults to the
+        mean trace of A_i over these songs; pass the training set's to validation.
+
+        Returns
+        -------
+        kept : the song ids kept, in the order of the objective's rows
+        objective : WPEObjective
+        """
+        user_factors = factors.user_factors.astype(np.float64)  # (U, k)
+        wanted = pd.Index(list(song_ids))
+        plays = plays[plays["track_id"].isin(wanted)]
+        user_row = pd.Series(np.arange(len(factors.user_ids)), index=factors.user_ids)
+        rows = user_row.reindex(plays["user_id"].astype(str)).to_numpy()
+        known = ~np.isnan(rows)
+        if not known.all():
+            log.info("WPE: %d play rows of users without factors are left out", int((~known).sum()))
+        plays = plays[known].assign(user_row=rows[known].astype(np.int64))
+        c = confidence(plays["count"].to_numpy(np.float64), alpha=cf.alpha, epsilon=cf.epsilon)
+        plays = plays.assign(confidence=c.astype(np.float64))
+
+        k = user_factors.shape[1]
+        gram = user_factors.T @ user_factors + cf.regularization * np.eye(k)  # (k, k)
+        by_song = dict(tuple(plays.groupby("track_id", sort=False)))
+        kept = [s for s in wanted if s in by_song]
+        missing = len(wanted) - len(kept)
+        if missing:
+            shown = ", ".join(s for s in wanted if s not in by_song)[:200]
+            log.warning("WPE: %d song(s) have no usable plays and are skipped: %s", missing, shown)
+        quad = np.empty((len(kept), k, k))
+        lin = np.empty((len(kept), k))
+        const = np.empty(len(kept))
+        for i, song in enumerate(kept):
+            group = by_song[song]
+            x = user_factors[group["user_row"].to_numpy()]  # (n_i, k)
+            c = group["confidence"].to_numpy()  # (n_i,)
+            quad[i] = gram + (x * (c - 1)[:, None]).T @ x
+            lin[i] = c @ x
+            const[i] = c.sum()
+        if scale is None:
+            scale = float(np.trace(quad, axis1=1, axis2=2).mean()) if len(kept) else 1.0
+        return kept, cls(quad, lin, const, scale)
+
+
+Objective = MSEObjective | WPEObjective
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class CropSampler(Sampler):
+    """Yields ``(row, first_frame)`` keys: a seeded order and seeded time shifts, new each epoch.
+
+    With ``shuffle=False`` and ``crop_frames >= n_frames`` it yields every row once, uncropped.
+    """
+
+    def __init__(self, n_songs: int, *, shuffle: bool, max_offset: int, seed: int) -> None:
+        self.n_songs, self.shuffle, self.max_offset, self.seed = n_songs, shuffle, max_offset, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_songs
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n_songs) if self.shuffle else np.arange(self.n_songs)
+        offsets = rng.integers(0, self.max_offset + 1, size=self.n_songs)
+        return iter(zip(order.tolist(), offsets.tolist(), strict=True))
+
+
+class LogMelDataset(Dataset):
+    """Reads ``(features (n_mels, frames), row)`` for a ``(row, first_frame)`` key; no state."""
+
+    def __init__(self, store: LogMelStore, track_ids: Sequence[str], frames: int) -> None:
+        self.store, self.track_ids, self.frames = store, list(track_ids), frames
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        row, first = key
+        x = self.store.get(self.track_ids[row])[:, first : first + self.frames]  # memory-mapped
+        return torch.tensor(x), row  # a copy
+
+
+def _loader(
+    store: LogMelStore, track_ids: Sequence[str], *, frames: int, shuffle: bool, cfg: Config,
+    device: torch.device,
+) -> DataLoader:
+    sampler = CropSampler(
+        len(track_ids), shuffle=shuffle, max_offset=store.n_frames - frames, seed=cfg.train.seed
+    )
+    workers = cfg.train.num_workers
+    return DataLoader(
+        LogMelDataset(store, track_ids, frames),
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+        # Its own generator, so that loading never draws from the global RNG (dropout's).
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+
+
+def band_statistics(
+    store: LogMelStore, track_ids: Sequence[str], *, chunk: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-mel-band mean and standard deviation over the given tracks' frames, each (n_mels,).
+
+    Raises :class:`DataError` naming the first track whose features are not finite.
+    """
+    total = np.zeros(store.n_mels)
+    total_sq = np.zeros(store.n_mels)
+    count = 0
+    for start in range(0, len(track_ids), chunk):
+        ids = list(track_ids[start : start + chunk])
+        x = store.get_many(ids).astype(np.float64)  # (b, n_mels, n_frames)
+        finite = np.isfinite(x).all(axis=(1, 2))
+        if not finite.all():
+            bad = ids[int(np.argmin(finite))]
+            raise DataError(f"features of track {bad!r} hold NaN or inf: re-extract them (sonicrec ingest)")
+        total += x.sum(axis=(0, 2))
+        total_sq += (x**2).sum(axis=(0, 2))
+        count += x.shape[0] * x.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-2).astype(np.float32)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced (best_valid / baseline_valid are in the loss's units)."""
+
+    checkpoint: Path
+    metrics: Path
+    loss: str
+    epochs: int  # epochs completed
+    best_epoch: int
+    best_valid: float  # best validation loss (training loss when there is no validation set)
+    baseline_valid: float  # validation loss of the best constant prediction (the mean target)
+    train_songs: int
+    valid_songs: int
+    samples_per_s: float  # training samples per second, last epoch
+    data_wait: float  # fraction of the last epoch's training time spent waiting for data
+
+
+def fit(
+    store: LogMelStore,
+    train_ids: Sequence[str],
+    train_objective: Objective,
+    valid_ids: Sequence[str],
+    valid_objective: Objective | None,
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a CNN on songs addressed by id in ``store``; objectives hold their targets by row.
+
+    Writes ``out_dir/checkpoint.pt`` and ``out_dir/metrics.csv`` after every epoch.
+    """
+    out_dir = Path(out_dir)
+    _check_inputs(store, train_ids, train_objective, valid_ids, valid_objective, cfg)
+    device = select_device(cfg.train.device)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    state = _resume_state(checkpoint_path, cfg, train_objective.name) if resume else None
+    if state is None and checkpoint_path.exists():
+        log.warning("replacing the checkpoint at %s (pass resume to continue it)", checkpoint_path)
+
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.train.seed)
+        model = AudioCNN(cfg.model)
+        if state is None:
+            mean, std = _input_norm(store, train_ids, cfg)
+        else:
+            mean, std = state["input_norm"]["mean"], state["input_norm"]["std"]
+            model.load_state_dict(state["model"])
+        model.set_input_norm(mean, std)
+        model.to(device)
+        optimizer = _optimizer(model, cfg)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if cuda and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        loop = _Loop(
+            model, optimizer, store, train_ids, train_objective, valid_ids, valid_objective, cfg,
+            device, out_dir, state, show_progress,
+        )
+        return loop.run(mean, std)
+
+
+def _check_inputs(store, train_ids, train_objective, valid_ids, valid_objective, cfg: Config) -> None:
+    if len(train_ids) < MIN_TRAIN_SONGS:
+        raise TrainingError(
+            f"only {len(train_ids)} training song(s) have both features and target factors; "
+            f"need at least {MIN_TRAIN_SONGS}: ingest more audio or check the CF split"
+        )
+    if len(train_objective) != len(train_ids) or (
+        valid_objective is not None and len(valid_objective) != len(valid_ids)
+    ):
+        raise DataError("each song needs one row of targets: ids and objective rows differ in number")
+    if store.n_mels != cfg.model.n_mels:
+        raise ConfigError(
+            f"the feature store has {store.n_mels} mel bands but model.n_mels = {cfg.model.n_mels}"
+        )
+    frames = _crop_frames(store, cfg)
+    if frames < cfg.model.min_frames:
+        raise ConfigError(
+            f"training crops of {frames} frames are shorter than the network's receptive field "
+            f"({cfg.model.min_frames} frames): raise train.crop_frames or shrink the model"
+        )
+
+
+def _crop_frames(store: LogMelStore, cfg: Config) -> int:
+    crop = cfg.train.crop_frames
+    if crop is None:
+        crop = cfg.model.window_frames if cfg.model.architecture == "paper" else store.n_frames
+    return min(crop, store.n_frames)
+
+
+def _input_norm(store: LogMelStore, train_ids: Sequence[str], cfg: Config) -> tuple[np.ndarray, ...]:
+    if cfg.model.input_norm == "none":
+        return np.zeros(cfg.model.n_mels, np.float32), np.ones(cfg.model.n_mels, np.float32)
+    return band_statistics(store, train_ids)
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=t.learning_rate, momentum=t.momentum, nesterov=t.momentum > 0,
+        weight_decay=t.weight_decay,
+    )
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint (tensors and plain values only: ``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no checkpoint at {path}: train the model first (sonicrec train)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises many kinds
+        raise DataError(f"{path} is not a readable sonicrec checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path} is not a sonicrec checkpoint ({CHECKPOINT_FORMAT})")
+    return state
+
+
+def _resume_state(path: Path, cfg: Config, loss: str) -> dict[str, Any] | None:
+    if not path.exists():
+        log.warning("no checkpoint at %s to resume: starting from scratch", path)
+        return None
+    state = load_checkpoint(path)
+    saved = Config.from_dict(state["config"])
+    differ = [f"model.{f}" for f, v in dataclasses.asdict(cfg.model).items() if getattr(saved.model, f) != v]
+    differ += [
+        f"train.{f}" for f, v in dataclasses.asdict(cfg.train).items()
+        if f not in _RESUMABLE_SETTINGS and getattr(saved.train, f) != v
+    ]
+    if differ or state["loss"] != loss:
+        raise ConfigError(
+            f"cannot resume {path}: it was trained with other settings ({', '.join(differ) or 'loss'}); "
+            "train under another name or without resume"
+        )
+    return state
+
+
+class _Loop:
+    """One training run's mutable state; ``run`` trains until done and returns the result."""
+
+    def __init__(
+        self, model, optimizer, store, train_ids, train_objective, valid_ids, valid_objective, cfg,
+        device, out_dir, state, show_progress,
+    ) -> None:
+        self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+        self.out_dir, self.show_progress = out_dir, show_progress
+        self.train_ids, self.valid_ids = list(train_ids), list(valid_ids)
+        self.train_objective = train_objective.to(device)
+        self.valid_objective = valid_objective.to(device) if valid_objective is not None else None
+        crop = _crop_frames(store, cfg)
+        self.train_loader = _loader(store, train_ids, frames=crop, shuffle=True, cfg=cfg, device=device)
+        self.valid_loader = (
+            _loader(store, valid_ids, frames=store.n_frames, shuffle=False, cfg=cfg, device=device)
+            if self.valid_ids else None
+        )
+        if self.valid_loader is None:
+            log.warning("no validation songs: early stopping and the best model follow the training loss")
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        )
+        s = state or {}
+        self.epoch = s.get("epoch", 0)
+        self.step = s.get("step", 0)
+        self.best_valid = s.get("best_valid", math.inf)
+        self.best_epoch = s.get("best_epoch", 0)
+        self.best_model = s.get("best_model")
+        self.history: list[dict[str, float]] = s.get("history", [])
+        self.writer = _tensorboard(out_dir)
+
+    def run(self, mean: np.ndarray, std: np.ndarray) -> TrainResult:
+        cfg = self.cfg.train
+        baseline = self._baseline()
+        log.info(
+            "training %s on %d songs (%d validation), %s, device %s",
+            self.train_objective.name, len(self.train_ids), len(self.valid_ids), cfg.optimizer, self.device,
+        )
+        speed = wait = 0.0
+        while self.epoch < cfg.epochs and self.epoch - self.best_epoch < cfg.patience:
+            started = time.perf_counter()
+            train_loss, speed, wait = self._train_epoch()
+            valid_loss = self._evaluate() if self.valid_loader is not None else train_loss
+            if not math.isfinite(valid_loss):
+                raise TrainingError(
+                    f"the validation loss became {valid_loss} at epoch {self.epoch + 1}: lower "
+                    "train.learning_rate; a checkpoint written before holds the last good epoch"
+                )
+            self.epoch += 1
+            if valid_loss < self.best_valid:
+                self.best_valid, self.best_epoch = valid_loss, self.epoch
+                self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            row = dict(
+                epoch=self.epoch, step=self.step, train_loss=train_loss, valid_loss=valid_loss,
+                baseline_valid=baseline, samples_per_s=speed, data_wait=wait,
+                lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started,
+            )
+            self.history.append(row)
+            self._save(mean, std)
+            log.info(
+                "epoch %d/%d: train %.5f, valid %.5f (mean-target baseline %.5f), %.0f samples/s, "
+                "data wait %.1f%%", self.epoch, cfg.epochs, train_loss, valid_loss, baseline, speed,
+                100 * wait,
+            )
+            if self.writer is not None:
+                for key in ("train_loss", "valid_loss", "baseline_valid", "samples_per_s", "data_wait"):
+                    self.writer.add_scalar(key, row[key], self.epoch)
+        if self.epoch - self.best_epoch >= cfg.patience:
+            log.info("stopped early: no improvement for %d epochs", cfg.patience)
+        if self.writer is not None:
+            self.writer.close()
+        return TrainResult(
+            checkpoint=self.out_dir / "checkpoint.pt", metrics=self.out_dir / "metrics.csv",
+            loss=self.train_objective.name, epochs=self.epoch, best_epoch=self.best_epoch,
+            best_valid=self.best_valid, baseline_valid=baseline, train_songs=len(self.train_ids),
+            valid_songs=len(self.valid_ids), samples_per_s=speed, data_wait=wait,
+        )
+
+    def _train_epoch(self) -> tuple[float, float, float]:
+        """One pass over the training songs -> (mean loss, samples/s, fraction waiting for data)."""
+        self.model.train()
+        self.train_loader.sampler.set_epoch(self.epoch)
+        total = count = 0
+        waiting = 0.0
+        bar = tqdm(
+            total=len(self.train_ids), desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+            unit="song", disable=not self.show_progress, leave=False,
+        )
+        start = ready = time.perf_counter()
+        for x, rows in self.train_loader:
+            waiting += time.perf_counter() - ready
+            x = x.to(self.device, non_blocking=True)  # (B, n_mels, crop) float16
+            rows = rows.to(self.device, non_blocking=True)
+            with self.autocast():
+                pred = self.model(x)  # (B, k)
+            loss = self.train_objective.per_song(pred.float(), rows).mean()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"the loss became {value} at epoch {self.epoch + 1}, step {self.step + 1}: lower "
+                    f"train.learning_rate (now {self.cfg.train.learning_rate}); a checkpoint written "
+                    "before holds the last good epoch"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            total += value * len(rows)
+            count += len(rows)
+            elapsed = time.perf_counter() - start
+            bar.update(len(rows))
+            bar.set_postfix(loss=f"{total / count:.4f}", samples_s=f"{count / elapsed:.0f}")
+            ready = time.perf_counter()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return total / count, count / elapsed, waiting / elapsed
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        self.model.eval()
+        total = 0.0
+        for x, rows in self.valid_loader:
+            with self.autocast():
+                pred = self.model(x.to(self.device))
+            total += self.valid_objective.per_song(pred.float(), rows.to(self.device)).sum().item()
+        return total / len(self.valid_ids)
+
+    def _baseline(self) -> float:
+        objective, n = (
+            (self.valid_objective, len(self.valid_ids)) if self.valid_objective is not None and self.valid_ids
+            else (self.train_objective, len(self.train_ids))
+        )
+        constant = self.train_objective.best_constant().expand(n, -1)
+        return objective.per_song(constant, torch.arange(n, device=self.device)).mean().item()
+
+    def _save(self, mean: np.ndarray, std: np.ndarray) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "loss": self.train_objective.name,
+            "target": self.train_objective.target,
+            "model": self.model.state_dict(),
+            "best_model": self.best_model,
+            "optimizer": self.optimizer.state_dict(),
+            "input_norm": {"mean": torch.as_tensor(mean), "std": torch.as_tensor(std)},
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_valid": self.best_valid,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "rng": rng,
+        }
+        with atomic_path(self.out_dir / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
+        with atomic_path(self.out_dir / "metrics.csv") as tmp:
+            pd.DataFrame(self.history).to_csv(tmp, index=False, float_format="%.6g")
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer in out_dir/tensorboard when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+# --- on a run directory -------------------------------------------------------------------------
+
+
+def train_run(
+    run: RunDir | str | Path, cfg: Config, *, name: str, resume: bool = False, show_progress: bool = True
+) -> TrainResult:
+    """Train model ``name`` on a run directory: features from RUN/features, targets from
+    RUN/cf/factors.npz (and RUN/plays.parquet for WPE); writes RUN/model/NAME/.
+
+    Training songs are the factors' "train" split that has features, validation songs the "valid"
+    split's; songs with features but no factors, or factors but no features, are left out (logged).
+    """
+    from sonicrec.features import FeatureStore
+
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    check_model_name(name)
+    factors = Factors.load(run.factors)
+    if factors.n_factors != cfg.model.n_factors:
+        raise ConfigError(
+            f"{run.factors} holds {factors.n_factors} factors but model.n_factors = "
+            f"{cfg.model.n_factors}: set [model] n_factors = {factors.n_factors}"
+        )
+    store = FeatureStore(run.features)
+    if store.audio_config != cfg.audio:
+        log.warning("%s was extracted with other [audio] settings than the config: the model records the "
+                    "store's, so that predicting from audio files uses the same front end", run.features)
+        cfg = cfg.replace(audio=store.audio_config)
+    train_ids = _usable_songs(factors, store, "train")
+    valid_ids = _usable_songs(factors, store, "valid")
+    train_objective: Objective
+    valid_objective: Objective
+    if cfg.train.loss == "mse":
+        unit = factors.song_factors_unit
+        train_objective = MSEObjective(unit[factors.song_index(train_ids)])
+        valid_objective = MSEObjective(unit[factors.song_index(valid_ids)])
+    else:
+        plays = _read_plays(run.plays)
+        train_ids, train_objective = WPEObjective.from_plays(plays, factors, train_ids, cfg.cf)
+        valid_ids, valid_objective = WPEObjective.from_plays(
+            plays, factors, valid_ids, cfg.cf, scale=train_objective.scale
+        )
+    return fit(
+        store, train_ids, train_objective, valid_ids, valid_objective, cfg, run.model / name,
+        resume=resume, show_progress=show_progress,
+    )
+
+
+def check_model_name(name: str) -> None:
+    """A model name becomes a folder and a file name: letters, digits, '-', '_', '.' only."""
+    if not name or name.startswith(".") or not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise ConfigError(f"model name {name!r}: use letters, digits, '-', '_' or '.' (e.g. cnn-mse)")
+
+
+def _usable_songs(factors: Factors, store: LogMelStore, split: str) -> list[str]:
+    in_split = factors.songs(split)
+    available = set(store.track_ids)
+    usable = [s for s in in_split if s in available]
+    if len(usable) < len(in_split):
+        missing = [s for s in in_split if s not in available]
+        log.warning(
+            "%d %s song(s) have factors but no features and are left out (e.g. %s): run sonicrec ingest",
+            len(missing), split, ", ".join(missing[:3]),
+        )
+    return usable
+
+
+def _read_plays(path: Path) -> pd.DataFrame:
+    try:
+        plays = pd.read_parquet(path, columns=["user_id", "track_id", "count"])
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"cannot read play counts {path} (needed by train.loss = 'wpe'): {exc}") from exc
+    return plays.astype({"user_id": str, "track_id": str})
