@@ -1,0 +1,375 @@
+"""The Recommender: songs for a user, the audience of a new song, similar songs, and outlier flags.
+
+Every song is a unit vector in the WMF latent space. Warm songs (the train split, which the CF model
+was fitted on) use their true CF factors; cold songs (the valid/test split, and new songs nobody has
+played) use the factors a model predicts from their audio. The CNN predicts unit-norm factors, so
+warm factors are unit-normalised too: songs are ranked by direction only, without the popularity
+that WMF puts in a song's norm, which gives new and unknown artists the same chance as hits.
+
+Scores: a user's score for a song is ``x_u . y_i / |y_i|`` (recommend, audience); two songs'
+similarity is their cosine (similar). Searches go through :class:`sonicrec.index.VectorIndex`
+(exact below ``IndexConfig.exact_below`` vectors, HNSW above), one index for warm songs, one for
+cold songs and one for users; large indexes are cached in ``RUN/index/MODEL/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sonicrec.catalog import Catalog
+from sonicrec.config import Config, IndexConfig
+from sonicrec.errors import DataError, UnknownIdError
+from sonicrec.factors import Factors, unit_rows
+from sonicrec.index import VectorIndex
+from sonicrec.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+Query = str | Path  # a track id, or the path of an audio file
+_MAD_FLOOR = 0.01  # smallest spread (cosine distance) used by flag_outliers' robust z-score
+
+
+class Ranking(NamedTuple):
+    """Ranked ids with their scores, best first (unpacks like implicit's ``(ids, scores)``)."""
+
+    ids: np.ndarray  # (n,) str
+    scores: np.ndarray  # (n,) float32
+
+
+@dataclass(frozen=True)
+class OutlierFlags:
+    """How far each song of a list sounds from the rest of the list.
+
+    Attributes
+    ----------
+    ids : (n,) str, in the order given
+    distance : (n,) float32, ``1 - cos(p_i, mean of the others' p_j)`` with p the unit-norm
+        factors predicted from audio (NaN for a song without a prediction)
+    score : (n,) float32, robust z-score of ``distance`` within the list (median / 1.4826 MAD)
+    flagged : (n,) bool, ``score > threshold``
+    """
+
+    ids: np.ndarray
+    distance: np.ndarray
+    score: np.ndarray
+    flagged: np.ndarray
+
+
+class AudioPredictor(Protocol):
+    """What the Recommender needs of :class:`sonicrec.predict.Predictor`."""
+
+    def predict_files(self, paths: list[Path]) -> np.ndarray: ...
+
+
+class Recommender:
+    """Recommendations over warm (true CF) and cold (audio-predicted) songs together.
+
+    Parameters
+    ----------
+    factors : WMF factors with the song split
+    predicted_ids : (P,) str, songs a model has predicted factors for (any split, or new songs)
+    predicted_factors : (P, k) float, their predicted factors
+    plays : DataFrame with columns user_id, track_id (the run's plays.parquet)
+    catalog : path of the catalog SQLite file, for :meth:`metadata`
+    predictor : turns audio files into factors; loaded from ``checkpoint`` when first needed if None
+    checkpoint : the model checkpoint for audio-file queries
+    index_config : nearest-neighbour search parameters
+    index_dir : where indexes too large for exact search are cached (None: not cached)
+    show_progress : progress bars while building large indexes
+    """
+
+    def __init__(
+        self,
+        factors: Factors,
+        predicted_ids: np.ndarray,
+        predicted_factors: np.ndarray,
+        plays: pd.DataFrame,
+        *,
+        catalog: Path | None = None,
+        predictor: AudioPredictor | None = None,
+        checkpoint: Path | None = None,
+        index_config: IndexConfig | None = None,
+        index_dir: Path | None = None,
+        show_progress: bool = False,
+    ) -> None:
+        predicted_ids = np.asarray(predicted_ids).astype(str)
+        predicted_factors = np.asarray(predicted_factors, dtype=np.float32)
+        if predicted_factors.shape != (len(predicted_ids), factors.n_factors):
+            raise DataError(
+                f"predicted factors have shape {predicted_factors.shape}, expected "
+                f"({len(predicted_ids)}, {factors.n_factors}) to match the CF factors"
+            )
+        self.factors = factors
+        self.catalog = catalog
+        self.checkpoint = checkpoint
+        self._predictor = predictor
+        self._config = index_config or IndexConfig()
+        self._index_dir = index_dir
+        self._show_progress = show_progress
+
+        # audio-predicted factors of every song that has them (flag_outliers, cold songs)
+        self._predicted_unit = unit_rows(predicted_factors)
+        self._predicted_row = {s: r for r, s in enumerate(predicted_ids.tolist())}
+
+        is_warm = factors.split == "train"
+        self.warm_ids = factors.song_ids[is_warm]
+        self._warm_unit = factors.song_factors_unit[is_warm]
+        is_cold = ~np.isin(predicted_ids, self.warm_ids)
+        self.cold_ids = predicted_ids[is_cold]
+        missing = np.setdiff1d(factors.song_ids[~is_warm], self.cold_ids)
+        if len(missing):
+            log.warning(
+                "%d held-out songs have no predicted factors and cannot be recommended (e.g. %r)",
+                len(missing), missing[0],
+            )
+        self._warm_row = {s: r for r, s in enumerate(self.warm_ids.tolist())}
+        self._cold_row = {s: r for r, s in enumerate(self.cold_ids.tolist())}
+        self._cold_unit = self._predicted_unit[is_cold]
+
+        self._songs_warm = self._index("songs-train", self.warm_ids, self._warm_unit, "cosine")
+        self._songs_cold = self._index("songs-cold", self.cold_ids, self._cold_unit, "cosine")
+        self._users = self._index("users", factors.user_ids, factors.user_factors, "ip")
+        self._plays = _plays_matrix(plays, factors.user_ids, self.warm_ids)  # (U, W) CSR
+        self._listeners = self._plays.T.tocsr()  # (W, U)
+
+    @classmethod
+    def load(
+        cls, run_dir: str | Path, model: str = "cnn-mse", *, show_progress: bool = False
+    ) -> Recommender:
+        """The Recommender of a run directory, with the predicted factors of model ``model``."""
+        from sonicrec.evaluate import load_predictions
+        from sonicrec.interactions import read_plays
+
+        run = RunDir(run_dir)
+        config = Config.load(run.config) if run.config.exists() else Config()
+        factors = Factors.load(run.factors)
+        path = run.prediction(model)
+        if not path.exists():
+            known = sorted(p.stem for p in run.predictions.glob("*.npz"))
+            raise DataError(
+                f"no predictions of model {model!r} at {path}: run `sonicrec predict {run.root} "
+                f"--model {model}` first" + (f" or choose one of: {', '.join(known)}" if known else "")
+            )
+        predicted_ids, predicted = load_predictions(path, factors.n_factors)
+        return cls(
+            factors,
+            predicted_ids,
+            predicted,
+            read_plays(run.plays, fmt="parquet", show_progress=show_progress),
+            catalog=run.catalog if run.catalog.exists() else None,
+            checkpoint=run.model / model / "checkpoint.pt",
+            index_config=config.index,
+            index_dir=run.index / model,
+            show_progress=show_progress,
+        )
+
+    # --- the four questions -------------------------------------------------------------------
+
+    def recommend(
+        self, user: str, n: int = 10, *, include_cold: bool = True, exclude_played: bool = True
+    ) -> Ranking:
+        """The ``n`` songs ``user`` is most likely to enjoy, warm and never-played songs together.
+
+        Parameters
+        ----------
+        user : a user id of the CF factors
+        n : number of songs
+        include_cold : also rank songs nobody has played (valid/test and new songs, by their
+            audio-predicted factors)
+        exclude_played : leave out the train songs the user has played
+
+        Returns
+        -------
+        Ranking of song ids, scores ``x_u . y_i / |y_i|``
+        """
+        row = self._user_row(user)
+        x = self.factors.user_factors[row]
+        played = self.warm_ids[self._row_cols(self._plays, row)] if exclude_played else ()
+        parts = [self._songs_warm.query(x, n, exclude=played)]
+        if include_cold:
+            parts.append(self._songs_cold.query(x, n))
+        ids, cosines = _merge(parts, n)
+        return Ranking(ids, (cosines * np.linalg.norm(x)).astype(np.float32))
+
+    def audience(self, song: Query, n: int = 10, *, exclude_played: bool = True) -> Ranking:
+        """The ``n`` users most likely to enjoy a song: a track id or a (new) audio file.
+
+        ``exclude_played`` leaves out the users who already played it (a train song).
+        Returns a Ranking of user ids, scores ``x_u . y / |y|``.
+        """
+        y, track = self._song_vector(song)
+        listeners = ()
+        if exclude_played and track in self._warm_row:
+            listeners = self.factors.user_ids[self._row_cols(self._listeners, self._warm_row[track])]
+        return Ranking(*self._users.query(y, n, exclude=listeners))
+
+    def similar(self, song: Query, n: int = 10) -> Ranking:
+        """A playlist of ``n`` songs like ``song`` (a track id or an audio file), by cosine similarity.
+
+        A track id comes first (cosine 1) followed by its ``n - 1`` nearest songs; an audio file's
+        playlist is its ``n`` nearest songs (the file's own track first when it is in the run).
+        """
+        y, track = self._song_vector(song)
+        if track is None:
+            return Ranking(*_merge([self._songs_warm.query(y, n), self._songs_cold.query(y, n)], n))
+        ids, scores = np.array([track]), np.ones(1, dtype=np.float32)
+        if n > 1:
+            nearest = [idx.query(y, n - 1, exclude=[track]) for idx in (self._songs_warm, self._songs_cold)]
+            others, other_scores = _merge(nearest, n - 1)
+            ids, scores = np.concatenate([ids, others]), np.concatenate([scores, other_scores])
+        return Ranking(ids, scores)
+
+    def flag_outliers(self, user_recs: Ranking | list[str], *, threshold: float = 3.0) -> OutlierFlags:
+        """Flag the songs of a list (e.g. CF recommendations) whose sound is far from the rest.
+
+        Each song's audio-predicted factors are compared with the mean of the others' (intros,
+        outros, covers and remixes share listeners with the songs they belong with, but not their
+        sound). Needs at least three songs with predicted factors.
+        """
+        ids = np.asarray(user_recs.ids if isinstance(user_recs, Ranking) else user_recs).astype(str)
+        rows = np.array([self._predicted_row.get(s, -1) for s in ids.tolist()], dtype=np.int64)
+        have = rows >= 0
+        if have.sum() < 3:
+            raise DataError(
+                f"flag_outliers needs at least 3 songs with audio-predicted factors, got {int(have.sum())} "
+                f"of {len(ids)}: run `sonicrec predict` for the missing songs"
+            )
+        p = self._predicted_unit[rows[have]]  # (m, k)
+        others = (p.sum(axis=0) - p) / (len(p) - 1)  # (m, k) mean of the other songs
+        distance = np.full(len(ids), np.nan, dtype=np.float32)
+        distance[have] = 1.0 - np.sum(p * unit_rows(others), axis=1)
+        median = np.median(distance[have])
+        spread = max(1.4826 * float(np.median(np.abs(distance[have] - median))), _MAD_FLOOR)
+        score = ((distance - median) / spread).astype(np.float32)
+        return OutlierFlags(ids, distance, score, np.nan_to_num(score, nan=-np.inf) > threshold)
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def metadata(self, ids: list[str] | np.ndarray) -> list[dict[str, Any]]:
+        """Catalog metadata (title, artist, collection, style) of tracks; {} for unknown ones."""
+        if self.catalog is None:
+            return [{} for _ in ids]
+        out = []
+        with Catalog(self.catalog) as catalog:
+            for track_id in ids:
+                if track_id not in catalog:
+                    out.append({})
+                    continue
+                t = catalog.get(str(track_id))
+                info = {"title": t.title, "artist": t.artist, "collection": t.collection}
+                if "style" in t.meta:
+                    info["style"] = t.meta["style"]
+                out.append(info)
+        return out
+
+    def split_of(self, track_id: str) -> str:
+        """"train" (true CF factors), "valid"/"test" (predicted) or "new" (predicted, never played)."""
+        if track_id in self._warm_row:
+            return "train"
+        if track_id not in self._cold_row:
+            raise self._unknown_song(track_id)
+        try:
+            return str(self.factors.split[self.factors.song_index([track_id])[0]])
+        except UnknownIdError:
+            return "new"
+
+    @property
+    def predictor(self) -> AudioPredictor:
+        """The audio model (loaded on first use from ``checkpoint``)."""
+        if self._predictor is None:
+            if self.checkpoint is None or not Path(self.checkpoint).exists():
+                raise DataError(
+                    f"no model checkpoint at {self.checkpoint}: train the model (`sonicrec train`) "
+                    "before querying with audio files"
+                )
+            from sonicrec.predict import Predictor
+
+            self._predictor = Predictor.load(self.checkpoint)
+        return self._predictor
+
+    def _song_vector(self, song: Query) -> tuple[np.ndarray, str | None]:
+        """(k,) unit factors of a song and its track id (None for an audio file)."""
+        if isinstance(song, str) and song in self._warm_row:
+            return self._warm_unit[self._warm_row[song]], song
+        if isinstance(song, str) and song in self._cold_row:
+            return self._cold_unit[self._cold_row[song]], song
+        path = Path(song)
+        if not path.is_file():
+            raise self._unknown_song(str(song))
+        predicted = np.asarray(self.predictor.predict_files([path]), dtype=np.float32)
+        return unit_rows(predicted.reshape(1, -1))[0], None
+
+    def _unknown_song(self, song: str) -> UnknownIdError:
+        return UnknownIdError(
+            f"unknown track id {song!r}, and no audio file there: give a track id of the run "
+            f"({len(self.warm_ids)} played + {len(self.cold_ids)} predicted songs) or an audio file"
+        )
+
+    def _user_row(self, user: str) -> int:
+        try:
+            return int(self.factors.user_index([user])[0])
+        except UnknownIdError:
+            raise UnknownIdError(
+                f"unknown user id {user!r}: not among the {len(self.factors.user_ids)} users of the CF "
+                "factors (users with plays of train songs in plays.parquet)"
+            ) from None
+
+    @staticmethod
+    def _row_cols(matrix: sp.csr_matrix, row: int) -> np.ndarray:
+        return matrix.indices[matrix.indptr[row] : matrix.indptr[row + 1]]
+
+    def _index(self, name: str, ids: np.ndarray, vectors: np.ndarray, metric: str) -> VectorIndex:
+        """An index over ``vectors``; large ones are cached in ``index_dir`` keyed by a content hash."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (ids.astype(str).tobytes(), np.ascontiguousarray(vectors).tobytes(),
+                     json.dumps([metric, asdict(self._config)]).encode()):
+            h.update(part)
+        source = h.hexdigest()
+        path = None if self._index_dir is None else Path(self._index_dir) / f"{name}.npz"
+        if path is not None and path.exists():
+            try:
+                cached = VectorIndex.load(path)
+            except DataError as exc:
+                log.warning("ignoring the cached index %s: %s", path, exc)
+            else:
+                if cached.source == source:
+                    return cached
+        index = VectorIndex.build(
+            ids, vectors, metric=metric, config=self._config, source=source,
+            show_progress=self._show_progress,
+        )
+        if path is not None and index.backend == "voyager":
+            index.save(path)
+            log.info("cached the %s index (%d vectors) at %s", name, len(index), path)
+        return index
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` best of several (ids, scores) results, best first."""
+    ids = np.concatenate([p[0] for p in parts])
+    scores = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    order = np.argsort(-scores, kind="stable")[:n]
+    return ids[order], scores[order]
+
+
+def _plays_matrix(plays: pd.DataFrame, user_ids: np.ndarray, song_ids: np.ndarray) -> sp.csr_matrix:
+    """(U, S) binary CSR of who played which song; plays of other users/songs are left out."""
+    users = pd.Index(user_ids).get_indexer(plays["user_id"].astype(str))
+    songs = pd.Index(song_ids).get_indexer(plays["track_id"].astype(str))
+    keep = (users >= 0) & (songs >= 0)
+    matrix = sp.csr_matrix(
+        (np.ones(int(keep.sum()), dtype=np.float32), (users[keep], songs[keep])),
+        shape=(len(user_ids), len(song_ids)),
+    )
+    matrix.sum_duplicates()
+    matrix.sort_indices()
+    return matrix

@@ -1,0 +1,216 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+from scipy.stats import rankdata
+
+from sonicrec.cf import (
+    confidence,
+    evaluate_heldout,
+    factorize,
+    factorize_run,
+    fit_wmf,
+    fold_in_songs,
+    heldout_split,
+    recommend,
+)
+from sonicrec.cli import main
+from sonicrec.config import CFConfig
+from sonicrec.errors import DataError, UnknownIdError
+from sonicrec.factors import Factors
+from sonicrec.interactions import PlayMatrix
+from sonicrec.rundir import RunDir
+
+CFG = CFConfig(factors=8, iterations=10, regularization=0.1, seed=0)
+
+
+def _groups(n_users, n_songs, n_groups, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(n_groups, size=n_users), rng.integers(n_groups, size=n_songs), rng
+
+
+def _low_rank_plays(n_users=300, n_songs=200, n_groups=5, seed=0) -> sparse.csr_matrix:
+    """SIMULATED rank-5 plays: a user plays half the songs of their group, almost none of others."""
+    user_group, song_group, rng = _groups(n_users, n_songs, n_groups, seed)
+    same = user_group[:, None] == song_group[None, :]
+    played = rng.random((n_users, n_songs)) < np.where(same, 0.5, 0.002)
+    counts = rng.geometric(0.4, size=(n_users, n_songs)) * played
+    return sparse.csr_matrix(counts.astype(np.int64))
+
+
+def _mean_auc(user_factors, song_factors, fit, held) -> float:
+    """Mean over users of the AUC of held-out plays against never-played songs."""
+    scores = user_factors @ song_factors.T
+    fit, held = fit.toarray() > 0, held.toarray() > 0
+    aucs = []
+    for u in range(scores.shape[0]):
+        pos, neg = held[u], ~(held[u] | fit[u])
+        if pos.any() and neg.any():
+            ranks = rankdata(scores[u][pos | neg])[pos[pos | neg]]
+            n_pos, n_neg = pos.sum(), neg.sum()
+            aucs.append((ranks.sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs))
+
+
+def _matrix(counts: sparse.csr_matrix) -> PlayMatrix:
+    users = np.array([f"u{i:04d}" for i in range(counts.shape[0])])
+    songs = np.array([f"s{i:04d}" for i in range(counts.shape[1])])
+    return PlayMatrix(counts, users, songs)
+
+
+def test_confidence_is_the_papers():
+    counts = np.array([1, 2, 10, 100])
+    expected = 1 + 2.0 * np.log(1 + counts / 0.5)
+    np.testing.assert_allclose(confidence(counts, alpha=2.0, epsilon=0.5), expected, rtol=1e-6)
+
+
+def test_fold_in_solves_the_weighted_least_squares_exactly():
+    """implicit's half-step must minimise sum_u c_ui (p_ui - x_u.y)^2 + lambda |y|^2.
+
+    with the paper's confidence c_ui = 1 + alpha log(1 + r_ui / epsilon) (1 where unplayed).
+    """
+    rng = np.random.default_rng(1)
+    cfg = CFConfig(factors=4, alpha=3.0, epsilon=0.7, regularization=0.5)
+    users = rng.normal(size=(30, 4)).astype(np.float32)
+    counts = sparse.random(30, 3, density=0.3, random_state=2, data_rvs=lambda n: rng.integers(1, 20, n))
+    got = fold_in_songs(users, counts.tocsr(), cfg)
+    dense = counts.toarray()
+    for i in range(3):
+        c = np.where(dense[:, i] > 0, confidence(dense[:, i], alpha=cfg.alpha, epsilon=cfg.epsilon), 1.0)
+        p = (dense[:, i] > 0).astype(float)
+        a = users.T @ (c[:, None] * users) + cfg.regularization * np.eye(4)
+        expected = np.linalg.solve(a, users.T @ (c * p))
+        np.testing.assert_allclose(got[i], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_wmf_recovers_low_rank_structure():
+    counts = _low_rank_plays()
+    fit, held = heldout_split(counts, fraction=0.2, seed=0)
+    user_factors, song_factors = fit_wmf(fit, CFG, show_progress=False)
+    assert user_factors.shape == (300, 8) and song_factors.shape == (200, 8)
+    user_group, song_group, _ = _groups(300, 200, 5, seed=0)
+    oracle = _mean_auc(np.eye(5)[user_group], np.eye(5)[song_group], fit, held)  # ranks by true group
+    auc = _mean_auc(user_factors, song_factors, fit, held)
+    assert auc > 0.9 and auc > oracle - 0.02
+
+
+def test_heldout_evaluation_beats_popularity():
+    results = evaluate_heldout(_low_rank_plays(), CFG, k=20, show_progress=False)
+    assert results["wmf"]["map"] > 2 * results["popularity"]["map"]
+    assert results["wmf"]["precision"] > results["popularity"]["precision"]
+
+
+def test_cold_start_split_test_songs_never_reach_the_fit():
+    counts = _low_rank_plays(seed=2)
+    matrix = _matrix(counts)
+    split = np.where(np.arange(200) % 5 == 0, "test", np.where(np.arange(200) % 5 == 1, "valid", "train"))
+    factors = factorize(matrix, CFG, split=split, show_progress=False)
+    assert factors.user_factors.shape == (300, 8) and factors.song_factors.shape == (200, 8)
+    np.testing.assert_array_equal(factors.split, split)
+    # change every play of held-out songs: the user factors (fitted on train songs) must not move
+    changed = counts.toarray()
+    changed[:, split != "train"] = np.random.default_rng(9).integers(0, 3, size=(300, 80))
+    other = factorize(_matrix(sparse.csr_matrix(changed)), CFG, split=split, show_progress=False)
+    np.testing.assert_allclose(other.user_factors, factors.user_factors, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(other.song_factors[split == "train"], factors.song_factors[split == "train"],
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(other.song_factors[split == "test"], factors.song_factors[split == "test"])
+    # folded-in test songs rank their own listeners high (they are the CF upper bound)
+    test = split == "test"
+    held = sparse.csr_matrix(counts.toarray() * test[None, :])
+    fit = sparse.csr_matrix(counts.toarray() * ~test[None, :])
+    assert _mean_auc(factors.user_factors, factors.song_factors * test[:, None], fit, held) > 0.9
+
+
+def test_factorize_frame_without_split_and_users_without_train_plays():
+    plays = pd.DataFrame(
+        {"user_id": ["a", "a", "b", "c"], "track_id": ["x", "y", "x", "z"], "count": [1, 2, 3, 4]}
+    )
+    factors = factorize(plays, CFConfig(factors=2, iterations=2), show_progress=False)
+    assert set(factors.split) == {"train"}
+    cold = factorize(plays, CFConfig(factors=2, iterations=2), split=np.array(["train", "train", "test"]),
+                     show_progress=False)  # songs sorted: x, y, z; user c played only z
+    np.testing.assert_array_equal(cold.user_factors[cold.user_index(["c"])[0]], 0.0)
+    with pytest.raises(DataError, match="split must give"):
+        factorize(plays, CFG, split=np.array(["train", "bogus", "train"]), show_progress=False)
+
+
+def test_factorize_run_saves_factors_with_unit_norms(tmp_path):
+    run = RunDir(tmp_path / "run")
+    _matrix(_low_rank_plays()).to_frame().to_parquet(tmp_path / "plays.parquet")
+    run.root.mkdir()
+    shutil.move(tmp_path / "plays.parquet", run.plays)
+    cfg = CFConfig(factors=8, iterations=5, valid_fraction=0.1, test_fraction=0.2, seed=4)
+    factors = factorize_run(run, cfg, show_progress=False)
+    loaded = Factors.load(run.factors)
+    np.testing.assert_array_equal(loaded.song_factors, factors.song_factors)
+    assert (loaded.split == "test").sum() == 40 and (loaded.split == "valid").sum() == 20
+    norms = np.linalg.norm(loaded.song_factors_unit, axis=1)
+    played = np.linalg.norm(loaded.song_factors, axis=1) > 0
+    np.testing.assert_allclose(norms[played], 1.0, rtol=1e-5)
+    again = factorize_run(run, cfg, show_progress=False)
+    np.testing.assert_array_equal(again.split, factors.split)  # seeded
+    with pytest.raises(DataError, match="no play counts"):
+        factorize_run(tmp_path / "empty", cfg, show_progress=False)
+
+
+def test_recommend_ranks_by_dot_product():
+    rng = np.random.default_rng(0)
+    songs = rng.normal(size=(50, 4))
+    factors = Factors(
+        user_ids=["a", "b"], song_ids=[f"s{i}" for i in range(50)], user_factors=rng.normal(size=(2, 4)),
+        song_factors=songs, split=np.where(np.arange(50) < 40, "train", "test"),
+    )
+    scores = songs @ factors.user_factors[1]
+    ids, got = recommend(factors, "b", n=5)
+    assert list(ids) == [f"s{i}" for i in np.argsort(-scores)[:5]]
+    assert np.all(np.diff(got) <= 0)
+    ids, _ = recommend(factors, "b", n=100, split="test", exclude=["s45"])
+    assert len(ids) == 9 and "s45" not in ids and all(int(s[1:]) >= 40 for s in ids)
+    with pytest.raises(UnknownIdError):
+        recommend(factors, "nobody")
+
+
+def test_cli_factorize_plays_file(tmp_path, capsys):
+    plays = tmp_path / "plays.tsv"
+    coo = _low_rank_plays(n_users=60, n_songs=40).tocoo()
+    rows = zip(coo.row, coo.col, coo.data, strict=True)
+    plays.write_text("".join(f"u{u}\ts{s}\t{c}\n" for u, s, c in rows))
+    out = tmp_path / "run"
+    argv = ["--no-progress", "factorize", "--plays", str(plays), "--out", str(out), "--factors", "4",
+            "--iterations", "3", "--eval-k", "5"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "popularity" in printed and "wmf" in printed
+    assert Factors.load(RunDir(out).factors).n_factors == 4
+    assert main(["factorize", str(tmp_path / "missing-run"), "--no-eval"]) == 2
+
+
+def _have_spark() -> bool:
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("java") is not None or bool(__import__("os").environ.get("JAVA_HOME"))
+
+
+@pytest.mark.spark
+@pytest.mark.skipif(not _have_spark(), reason="pyspark or Java missing")
+def test_spark_engine_matches_implicit_quality():
+    counts = _low_rank_plays(n_users=150, n_songs=100, seed=5)
+    fit, held = heldout_split(counts, fraction=0.2, seed=0)
+    spark_cfg = CFConfig(engine="spark", factors=8, iterations=4, regularization=0.01,
+                         spark_master="local[2]")
+    user_factors, song_factors = fit_wmf(fit, spark_cfg, show_progress=False)
+    assert user_factors.shape == (150, 8) and song_factors.shape == (100, 8)
+    spark_auc = _mean_auc(user_factors, song_factors, fit, held)
+    implicit_auc = _mean_auc(*fit_wmf(fit, CFG, show_progress=False), fit, held)
+    assert spark_auc > 0.9 and abs(spark_auc - implicit_auc) < 0.05
+
+
+def test_missing_run_factors_message(tmp_path):
+    with pytest.raises(DataError, match="sonicrec factorize"):
+        Factors.load(Path(tmp_path) / "cf" / "factors.npz")

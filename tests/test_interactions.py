@@ -1,0 +1,157 @@
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sonicrec import interactions
+from sonicrec.errors import DataError
+from sonicrec.interactions import PlayMatrix, read_play_matrix, read_plays, split_songs
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def _count(matrix: PlayMatrix, user: str, song: str) -> int:
+    u = int(np.flatnonzero(matrix.user_ids == user)[0])
+    s = int(np.flatnonzero(matrix.song_ids == song)[0])
+    return int(matrix.counts[u, s])
+
+
+def test_triplets_sorted_ids_and_summed_duplicates(tmp_path):
+    path = _write(tmp_path / "t.txt", "u2\tsB\t3\nu1\tsA\t1\nu2\tsA\t2\nu2\tsB\t4\n")
+    m = read_play_matrix(path, "triplets", show_progress=False)
+    assert list(m.user_ids) == ["u1", "u2"] and list(m.song_ids) == ["sA", "sB"]
+    assert m.counts.toarray().tolist() == [[1, 0], [2, 7]]
+    assert m.report.n_rows == 4 and m.report.n_malformed == 0
+
+
+def test_malformed_rows_counted_with_line_numbers(tmp_path):
+    text = "u1\ts1\t3\nu1\ts2\nu2\ts1\tx\nu2\ts2\t0\n\tsX\t1\nu3\ts3\t2\textra\nu4\ts4\t1.5\nu4\ts1\t2.0\n"
+    path = _write(tmp_path / "bad.txt", text)
+    m = read_play_matrix(path, "triplets", show_progress=False)
+    assert m.report.n_rows == 8 and m.report.n_malformed == 6
+    lines = [e.split(":")[0] for e in m.report.examples]
+    assert lines == ["line 2", "line 3", "line 4", "line 5", "line 6"]  # first five, in file order
+    assert "count is not a positive integer" in m.report.examples[1]
+    assert "expected 3 fields" in m.report.examples[0]
+    assert m.n_pairs == 2 and _count(m, "u4", "s1") == 2  # "2.0" is a valid integer count
+    with pytest.raises(DataError, match=r"bad\.txt.*line 2"):
+        read_play_matrix(path, "triplets", on_bad="error", show_progress=False)
+
+
+def test_line_numbers_across_blocks(tmp_path, monkeypatch):
+    rows = [f"u{i % 7}\ts{i % 11}\t{i % 5 + 1}" for i in range(300)]
+    rows[150] = "u1\ts1\tnot-a-count"
+    rows[251] = "u1\ts1"
+    path = _write(tmp_path / "t.txt", "\n".join(rows))  # no final newline
+    whole = read_play_matrix(path, "triplets", show_progress=False)
+    monkeypatch.setattr(interactions, "BLOCK_BYTES", 64)  # many blocks, lines cut between reads
+    blocks = read_play_matrix(path, "triplets", show_progress=False)
+    assert (blocks.counts != whole.counts).nnz == 0
+    assert [e.split(":")[0] for e in blocks.report.examples] == ["line 151", "line 252"]
+    assert blocks.report.n_rows == 300
+
+
+def test_gzip_triplets(tmp_path):
+    path = tmp_path / "t.txt.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("u1\ts1\t2\nu2\ts1\t5\n")
+    m = read_play_matrix(path, "triplets", show_progress=False)
+    assert m.counts.sum() == 7
+
+
+def test_lastfm1k_events_become_counts(tmp_path):
+    text = (
+        "user_000001\t2009-05-04T23:08:57Z\ta-mbid\tDeep Dish\tt-mbid\tFlashdance\n"
+        "user_000001\t2009-05-04T23:12:57Z\ta-mbid\tDeep Dish\tt-mbid\tFlashdance\n"
+        "user_000001\t2009-05-05T00:00:00Z\t\tSome Band\t\tNo Mbid Song\n"
+        "user_000002\t2009-05-05T00:00:00Z\t\tSome Band\t\t\n"  # no track id nor name
+        "user_000002\t2009-05-05T00:00:00Z\ttoo few fields\n"
+    )
+    m = read_play_matrix(_write(tmp_path / "1k.tsv", text), "lastfm1k", show_progress=False)
+    assert set(m.song_ids) == {"t-mbid", "Some Band - No Mbid Song"}
+    assert _count(m, "user_000001", "t-mbid") == 2
+    assert m.report.n_malformed == 2
+    assert [e.split(":")[0] for e in m.report.examples] == ["line 4", "line 5"]
+
+
+def test_lastfm360k_artist_mbid_or_name(tmp_path):
+    text = (
+        "00000c28\t3bd73256-3905-4f3a-97e2-8b341527f805\tbetty blowtorch\t2137\n"
+        "00000c28\t\tsome artist\t54\n"
+        'user2\t3bd73256-3905-4f3a-97e2-8b341527f805\t"quoted" name\t7\n'
+        "user2\t\tsome artist\t-3\n"
+    )
+    m = read_play_matrix(_write(tmp_path / "360k.tsv", text), "lastfm360k", show_progress=False)
+    assert set(m.song_ids) == {"3bd73256-3905-4f3a-97e2-8b341527f805", "some artist"}
+    assert _count(m, "user2", "3bd73256-3905-4f3a-97e2-8b341527f805") == 7
+    assert m.report.n_malformed == 1 and m.report.examples[0].startswith("line 4")
+
+
+@pytest.mark.parametrize("sep,newline", [(",", "\n"), ("\t", "\r\n")])
+def test_csv_named_columns(tmp_path, sep, newline):
+    rows = [["listener", "item", "plays", "other"], ["a", "x", "3", "q"], ["b", "x", "1", "q"],
+            ["a", "y", "", "q"]]
+    path = _write(tmp_path / "p.csv", newline.join(sep.join(r) for r in rows) + newline)
+    m = read_play_matrix(
+        path, "csv", user_col="listener", track_col="item", count_col="plays", show_progress=False
+    )
+    assert m.counts.toarray().tolist() == [[3], [1]]
+    assert m.report.examples[0].startswith("line 4")  # header is line 1
+    events = read_play_matrix(path, "csv", user_col="listener", track_col="item", count_col=None,
+                              show_progress=False)
+    assert _count(events, "a", "x") == 1 and _count(events, "a", "y") == 1
+    with pytest.raises(DataError, match="no column.*user_id"):
+        read_play_matrix(path, "csv", show_progress=False)
+
+
+def test_parquet_round_trip_and_bad_rows(tmp_path):
+    frame = pd.DataFrame({"user_id": ["u1", "u1", "u2"], "track_id": ["a", "b", "a"], "count": [1, 4, 2]})
+    frame.to_parquet(tmp_path / "plays.parquet")
+    m = read_play_matrix(tmp_path / "plays.parquet", "parquet", show_progress=False)
+    back = read_plays(tmp_path / "plays.parquet", "parquet", show_progress=False)
+    pd.testing.assert_frame_equal(
+        back.sort_values(["user_id", "track_id"]).reset_index(drop=True), frame, check_dtype=False
+    )
+    assert (PlayMatrix.from_frame(back).counts != m.counts).nnz == 0
+    frame.loc[1, "count"] = -1
+    frame.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="row 2: count is not a positive integer"):
+        read_play_matrix(tmp_path / "bad.parquet", "parquet", on_bad="error", show_progress=False)
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    with pytest.raises(DataError, match="unknown play-count format"):
+        read_play_matrix(tmp_path, "xml")
+    with pytest.raises(DataError, match="no play-count file"):
+        read_play_matrix(tmp_path / "none.txt", "triplets")
+
+
+def test_split_songs_invariants():
+    split = split_songs(1000, valid_fraction=0.1, test_fraction=0.2, seed=3)
+    assert split.shape == (1000,)
+    assert [(split == s).sum() for s in ("train", "valid", "test")] == [700, 100, 200]
+    np.testing.assert_array_equal(split, split_songs(1000, valid_fraction=0.1, test_fraction=0.2, seed=3))
+    assert (split != split_songs(1000, valid_fraction=0.1, test_fraction=0.2, seed=4)).any()
+
+
+@pytest.mark.skipif(not (SHARED / "taste-profile-fragment").is_dir(), reason="shared data absent")
+def test_real_taste_profile_fragment():
+    m = read_play_matrix(SHARED / "taste-profile-fragment" / "train_triplets_fragment.txt", "triplets",
+                         show_progress=False)
+    assert (m.n_users, m.n_songs, m.n_pairs, m.report.n_malformed) == (1630, 9071, 42739, 0)
+    assert m.counts.max() == 796 and np.median(m.counts.data) == 1
+
+
+@pytest.mark.skipif(not (SHARED / "lastfm-hetrec2011").is_dir(), reason="shared data absent")
+def test_real_lastfm_hetrec_crlf_tsv():
+    m = read_play_matrix(SHARED / "lastfm-hetrec2011" / "user_artists.dat", "csv", user_col="userID",
+                         track_col="artistID", count_col="weight", show_progress=False)
+    assert (m.n_users, m.n_songs, m.n_pairs, m.report.n_malformed) == (1892, 17632, 92834, 0)
+    assert round(m.counts.sum() / 1e6, 1) == 69.2
