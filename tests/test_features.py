@@ -141,7 +141,7 @@ def test_resumed_ingest_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     ingest_run(whole, SHORT, workers=2, shard_size=4, show_progress=False)  # worker processes
 
     calls = []
-    real_extract = features_module._extract
+    real_extract = features_module.extract_track
 
     def extract_then_interrupt(*args):
         calls.append(args[0])
@@ -149,11 +149,11 @@ def test_resumed_ingest_equals_an_uninterrupted_one(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_extract(*args)
 
-    monkeypatch.setattr(features_module, "_extract", extract_then_interrupt)
+    monkeypatch.setattr(features_module, "extract_track", extract_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         ingest_run(parts, SHORT, workers=1, shard_size=4, show_progress=False)
     assert len(FeatureStore(parts.features)) == 3  # good0..2 committed on the way out (bad-corrupt first)
-    monkeypatch.setattr(features_module, "_extract", real_extract)
+    monkeypatch.setattr(features_module, "extract_track", real_extract)
     resumed = ingest_run(parts, SHORT, workers=1, shard_size=4, show_progress=False)
     assert (resumed.ok, resumed.skipped) == (3, 4)
 

@@ -197,6 +197,34 @@ class FeatureStoreWriter:
         self._next_shard += 1
         return committed
 
+    def adopt(self, source: str | Path) -> list[str]:
+        """Move the committed shards of another store into this one; returns the ids moved.
+
+        ``source`` must hold features made with the same audio settings and on the same file
+        system (shards are renamed, not copied). Each shard becomes a new shard here, committed as
+        :meth:`commit` does (data first, then its id list), so an interrupted adoption leaves both
+        stores readable. Distributed ingest (:mod:`sonicrec.spark`) writes one store per partition
+        and adopts them on the driver.
+        """
+        source = Path(source)
+        other = FeatureStore(source)
+        if other.audio_config != self.cfg:
+            raise ConfigError(f"{source} holds features made with other audio settings than {self.root}")
+        self.commit()
+        moved: list[str] = []
+        for index, ids in _committed_shards(source):
+            duplicate = next((t for t in ids if t in self), None)
+            if duplicate is not None:
+                raise DataError(f"track {duplicate!r} of {source} is already in the store {self.root}")
+            stem, src = _shard_stem(self._next_shard), _shard_stem(index)
+            os.replace(source / f"{src}.npy", self.root / f"{stem}.npy")
+            atomic_write_text(self.root / f"{stem}.json", json.dumps({"track_ids": ids}) + "\n")
+            (source / f"{src}.json").unlink()
+            self._stored.update(ids)
+            self._next_shard += 1
+            moved += ids
+        return moved
+
     def __enter__(self) -> FeatureStoreWriter:
         return self
 
@@ -217,7 +245,9 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
-class _Extracted:
+class Extracted:
+    """One track's extraction: its features, or the reason it failed."""
+
     track_id: str
     features: np.ndarray | None  # float16 (n_mels, n_frames), None on failure
     duration: float | None
@@ -226,8 +256,9 @@ class _Extracted:
     error: str | None
 
 
-def _extract(track_id: str, path: str | None, cfg: AudioConfig) -> _Extracted:
-    """Features of one track; every failure is returned as a reason, never raised."""
+def extract_track(track_id: str, path: str | None, cfg: AudioConfig) -> Extracted:
+    """Features of one track (the front end of :func:`sonicrec.audio.file_to_logmel`, rounded to
+    the store's float16); every failure is returned as a reason, never raised."""
     from sonicrec.audio import load_excerpt, logmel
 
     try:
@@ -235,12 +266,12 @@ def _extract(track_id: str, path: str | None, cfg: AudioConfig) -> _Extracted:
             raise AudioError(f"track {track_id} has no audio path in the catalog")
         excerpt = load_excerpt(path, cfg)
         features = logmel(excerpt.samples[None], cfg)[0].astype(DTYPE)
-        return _Extracted(track_id, features, excerpt.duration, excerpt.offset, excerpt.padded, None)
+        return Extracted(track_id, features, excerpt.duration, excerpt.offset, excerpt.padded, None)
     except AudioError as exc:
-        return _Extracted(track_id, None, None, None, False, str(exc))
+        return Extracted(track_id, None, None, None, False, str(exc))
     except Exception as exc:  # a decoder bug or exhausted memory must not stop a catalog
         reason = f"{path}: unexpected {type(exc).__name__}: {exc}"
-        return _Extracted(track_id, None, None, None, False, reason)
+        return Extracted(track_id, None, None, None, False, reason)
 
 
 _worker_cfg: AudioConfig | None = None
@@ -254,20 +285,51 @@ def _init_worker(cfg: AudioConfig) -> None:
     torch.set_num_threads(1)  # one core per worker process
 
 
-def _extract_in_worker(task: tuple[str, str | None]) -> _Extracted:
+def _extract_in_worker(task: tuple[str, str | None]) -> Extracted:
     assert _worker_cfg is not None
-    return _extract(*task, _worker_cfg)
+    return extract_track(*task, _worker_cfg)
 
 
-def _extract_all(tasks: list[tuple[str, str | None]], cfg: AudioConfig, workers: int) -> Iterator[_Extracted]:
+def _extract_all(tasks: list[tuple[str, str | None]], cfg: AudioConfig, workers: int) -> Iterator[Extracted]:
     """Results in task order, computed here (workers <= 1) or by a pool of worker processes."""
     if workers <= 1:
         for track_id, path in tasks:
-            yield _extract(track_id, path, cfg)
+            yield extract_track(track_id, path, cfg)
         return
     ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
     with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
         yield from pool.imap(_extract_in_worker, tasks, chunksize=4)
+
+
+def tracks_to_extract(
+    catalog: Catalog, store: FeatureStoreWriter, *, retry_failed: bool = False
+) -> list[Track]:
+    """Catalog tracks not yet in the store (``failed`` ones only if ``retry_failed``).
+
+    Tracks found in the store but not marked ``ok`` (committed just before an interruption) are
+    marked ``ok`` in the catalog on the way.
+    """
+    todo, done_rows = [], []
+    for track in catalog.tracks():
+        if track.track_id in store:
+            if track.status != "ok":
+                track.status, track.error = "ok", None
+                done_rows.append(track)
+        elif track.status != "failed" or retry_failed:
+            todo.append(track)
+    catalog.upsert(done_rows)
+    return todo
+
+
+def mark_extracted(track: Track, result: Extracted) -> Track:
+    """The catalog row of a track after extraction: ``ok`` with its duration and excerpt, or
+    ``failed`` with the reason (``result.features`` is not looked at)."""
+    if result.error is not None:
+        track.status, track.error = "failed", result.error
+        return track
+    track.status, track.error, track.duration = "ok", None, result.duration
+    track.meta = {**track.meta, "excerpt_offset": result.offset, "excerpt_padded": result.padded}
+    return track
 
 
 def ingest_run(
@@ -301,15 +363,7 @@ def ingest_run(
     ok = failed = 0
     writer = FeatureStoreWriter(run.features, cfg, shard_size=shard_size)
     with Catalog(run.catalog) as catalog, writer as store:
-        todo, done_rows = [], []
-        for track in catalog.tracks():
-            if track.track_id in store:
-                if track.status != "ok":  # committed just before an interruption
-                    track.status, track.error = "ok", None
-                    done_rows.append(track)
-            elif track.status != "failed" or retry_failed:
-                todo.append(track)
-        catalog.upsert(done_rows)
+        todo = tracks_to_extract(catalog, store, retry_failed=retry_failed)
         skipped = len(catalog) - len(todo)
         log.info("ingest: %d tracks to extract, %d already done or failed", len(todo), skipped)
         by_id = {t.track_id: t for t in todo}
@@ -325,20 +379,15 @@ def ingest_run(
             progress = tqdm(total=len(tasks), unit="track", desc="ingest", disable=not show_progress)
             with progress:
                 for result in _extract_all(tasks, cfg, workers):
-                    track = by_id.pop(result.track_id)
+                    track = mark_extracted(by_id.pop(result.track_id), result)
                     progress.update()
                     if result.error is not None:
-                        track.status, track.error = "failed", result.error
                         failures.append(track)
                         failed += 1
                         if strict:
                             raise AudioError(f"{result.error} (--strict: stopping at the first failure)")
                         log.warning("%s", result.error)
                         continue
-                    track.status, track.error, track.duration = "ok", None, result.duration
-                    track.meta = {
-                        **track.meta, "excerpt_offset": result.offset, "excerpt_padded": result.padded
-                    }
                     finished[track.track_id] = track
                     record(store.add(track.track_id, result.features))
                     ok += 1

@@ -22,6 +22,14 @@ read the memory-mapped store). Validation runs on whole excerpts after every epo
 stops early when it has not improved for ``patience`` epochs. After every epoch one checkpoint
 dict is written atomically to RUN/model/NAME/checkpoint.pt, and the per-epoch metrics to
 RUN/model/NAME/metrics.csv; ``resume=True`` continues from it bit for bit.
+
+Data-parallel training (``train_run(..., ddp=True)``, ``sonicrec train --ddp`` under ``torchrun``):
+every process holds a replica wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL on GPUs:
+one per process, ``cuda:LOCAL_RANK``). ``train.batch_size`` stays the global batch: each of the W
+processes takes batch_size / W songs of it, strided out of the same seeded order and crops as a
+single process (:class:`CropSampler`), so with no dropout and no BatchNorm (or SyncBatchNorm, used
+on GPUs) it follows the single-process run up to floating-point summation order. Rank 0 alone
+writes the checkpoint, which loads without DDP.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -204,23 +213,38 @@ class CropSampler(Sampler):
     """Yields ``(row, first_frame)`` keys: a seeded order and seeded time shifts, new each epoch.
 
     With ``shuffle=False`` and ``crop_frames >= n_frames`` it yields every row once, uncropped.
+    Distributed (``num_replicas`` > 1), process ``rank`` takes every ``num_replicas``-th key of that
+    same sequence, so consecutive batches of the processes make up the single-process batches. As
+    torch's ``DistributedSampler``, a shuffled sequence is padded with its first keys to a multiple of
+    ``num_replicas`` (every process takes the same number of steps); an unshuffled one is not.
     """
 
-    def __init__(self, n_songs: int, *, shuffle: bool, max_offset: int, seed: int) -> None:
+    def __init__(
+        self, n_songs: int, *, shuffle: bool, max_offset: int, seed: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         self.n_songs, self.shuffle, self.max_offset, self.seed = n_songs, shuffle, max_offset, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n_songs
+        if self.shuffle:
+            return -(-self.n_songs // self.num_replicas)
+        return len(range(self.rank, self.n_songs, self.num_replicas))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.n_songs) if self.shuffle else np.arange(self.n_songs)
         offsets = rng.integers(0, self.max_offset + 1, size=self.n_songs)
-        return iter(zip(order.tolist(), offsets.tolist(), strict=True))
+        keys = list(zip(order.tolist(), offsets.tolist(), strict=True))
+        if self.num_replicas == 1:
+            return iter(keys)
+        if self.shuffle:
+            padding = len(self) * self.num_replicas - len(keys)
+            keys += (keys * self.num_replicas)[:padding]
+        return iter(keys[self.rank :: self.num_replicas])
 
 
 class LogMelDataset(Dataset):
@@ -242,13 +266,15 @@ def _loader(
     store: LogMelStore, track_ids: Sequence[str], *, frames: int, shuffle: bool, cfg: Config,
     device: torch.device,
 ) -> DataLoader:
+    rank, world = _world()
     sampler = CropSampler(
-        len(track_ids), shuffle=shuffle, max_offset=store.n_frames - frames, seed=cfg.train.seed
+        len(track_ids), shuffle=shuffle, max_offset=store.n_frames - frames, seed=cfg.train.seed,
+        num_replicas=world, rank=rank,
     )
     workers = cfg.train.num_workers
     return DataLoader(
         LogMelDataset(store, track_ids, frames),
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size // world,  # the global batch, split between the processes
         sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -322,6 +348,9 @@ def fit(
     out_dir = Path(out_dir)
     _check_inputs(store, train_ids, train_objective, valid_ids, valid_objective, cfg)
     device = select_device(cfg.train.device)
+    rank, world = _world()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
     checkpoint_path = out_dir / "checkpoint.pt"
     state = _resume_state(checkpoint_path, cfg, train_objective.name) if resume else None
     if state is None and checkpoint_path.exists():
@@ -337,6 +366,8 @@ def fit(
             mean, std = state["input_norm"]["mean"], state["input_norm"]["std"]
             model.load_state_dict(state["model"])
         model.set_input_norm(mean, std)
+        if world > 1 and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CUDA only
         model.to(device)
         optimizer = _optimizer(model, cfg)
         if state is not None:
@@ -344,6 +375,9 @@ def fit(
             torch.set_rng_state(state["rng"]["torch"])
             if cuda and "cuda" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        if world > 1:
+            torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, rank]).generate_state(1)[0]))
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=cuda or None)
         loop = _Loop(
             model, optimizer, store, train_ids, train_objective, valid_ids, valid_objective, cfg,
             device, out_dir, state, show_progress,
@@ -364,6 +398,12 @@ def _check_inputs(store, train_ids, train_objective, valid_ids, valid_objective,
     if store.n_mels != cfg.model.n_mels:
         raise ConfigError(
             f"the feature store has {store.n_mels} mel bands but model.n_mels = {cfg.model.n_mels}"
+        )
+    world = _world()[1]
+    if cfg.train.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size = {cfg.train.batch_size} (the global batch) must be a multiple of the "
+            f"{world} training processes"
         )
     frames = _crop_frames(store, cfg)
     if frames < cfg.model.min_frames:
@@ -437,6 +477,8 @@ class _Loop:
         device, out_dir, state, show_progress,
     ) -> None:
         self.model, self.optimizer, self.cfg, self.device = model, optimizer, cfg, device
+        self.net = getattr(model, "module", model)  # without the DistributedDataParallel wrapper
+        self.rank = _world()[0]
         self.out_dir, self.show_progress = out_dir, show_progress
         self.train_ids, self.valid_ids = list(train_ids), list(valid_ids)
         self.train_objective = train_objective.to(device)
@@ -460,7 +502,7 @@ class _Loop:
         self.best_epoch = s.get("best_epoch", 0)
         self.best_model = s.get("best_model")
         self.history: list[dict[str, float]] = s.get("history", [])
-        self.writer = _tensorboard(out_dir)
+        self.writer = _tensorboard(out_dir) if self.rank == 0 else None
 
     def run(self, mean: np.ndarray, std: np.ndarray) -> TrainResult:
         cfg = self.cfg.train
@@ -482,14 +524,15 @@ class _Loop:
             self.epoch += 1
             if valid_loss < self.best_valid:
                 self.best_valid, self.best_epoch = valid_loss, self.epoch
-                self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best_model = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
             row = dict(
                 epoch=self.epoch, step=self.step, train_loss=train_loss, valid_loss=valid_loss,
                 baseline_valid=baseline, samples_per_s=speed, data_wait=wait,
                 lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started,
             )
             self.history.append(row)
-            self._save(mean, std)
+            if self.rank == 0:
+                self._save(mean, std)
             log.info(
                 "epoch %d/%d: train %.5f, valid %.5f (mean-target baseline %.5f), %.0f samples/s, "
                 "data wait %.1f%%", self.epoch, cfg.epochs, train_loss, valid_loss, baseline, speed,
@@ -517,7 +560,7 @@ class _Loop:
         waiting = 0.0
         bar = tqdm(
             total=len(self.train_ids), desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
-            unit="song", disable=not self.show_progress, leave=False,
+            unit="song", disable=not self.show_progress or self.rank != 0, leave=False,
         )
         start = ready = time.perf_counter()
         for x, rows in self.train_loader:
@@ -527,7 +570,8 @@ class _Loop:
             with self.autocast():
                 pred = self.model(x)  # (B, k)
             loss = self.train_objective.per_song(pred.float(), rows).mean()
-            value = loss.item()
+            loss_sum, n = _all_sum(self.device, loss.item() * len(rows), len(rows))  # the global batch
+            value = loss_sum / n
             if not math.isfinite(value):
                 raise TrainingError(
                     f"the loss became {value} at epoch {self.epoch + 1}, step {self.step + 1}: lower "
@@ -538,8 +582,8 @@ class _Loop:
             loss.backward()
             self.optimizer.step()
             self.step += 1
-            total += value * len(rows)
-            count += len(rows)
+            total += loss_sum
+            count += n
             elapsed = time.perf_counter() - start
             bar.update(len(rows))
             bar.set_postfix(loss=f"{total / count:.4f}", samples_s=f"{count / elapsed:.0f}")
@@ -552,11 +596,11 @@ class _Loop:
     def _evaluate(self) -> float:
         self.model.eval()
         total = 0.0
-        for x, rows in self.valid_loader:
+        for x, rows in self.valid_loader:  # distributed: this process's share of the songs
             with self.autocast():
-                pred = self.model(x.to(self.device))
+                pred = self.net(x.to(self.device))
             total += self.valid_objective.per_song(pred.float(), rows.to(self.device)).sum().item()
-        return total / len(self.valid_ids)
+        return _all_sum(self.device, total)[0] / len(self.valid_ids)
 
     def _baseline(self) -> float:
         objective, n = (
@@ -575,7 +619,7 @@ class _Loop:
             "config": self.cfg.to_dict(),
             "loss": self.train_objective.name,
             "target": self.train_objective.target,
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "best_model": self.best_model,
             "optimizer": self.optimizer.state_dict(),
             "input_norm": {"mean": torch.as_tensor(mean), "std": torch.as_tensor(std)},
@@ -592,6 +636,62 @@ class _Loop:
             pd.DataFrame(self.history).to_csv(tmp, index=False, float_format="%.6g")
 
 
+def _world() -> tuple[int, int]:
+    """(rank, number of processes) of the initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(device: torch.device, *values: float) -> list[float]:
+    """The sums of ``values`` over all training processes (the values themselves in one process)."""
+    if _world()[1] == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def distributed_rank(ddp: bool) -> int:
+    """This process's rank as started by ``torchrun`` (0 when not ``ddp``).
+
+    Raises :class:`ConfigError` for ``ddp`` without torchrun's environment, and for several
+    processes started without ``ddp`` (each would train and overwrite its own model).
+    """
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if not ddp:
+        if processes > 1:
+            raise ConfigError(f"started as one of {processes} processes (torchrun): add --ddp")
+        return 0
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise ConfigError(
+            "--ddp needs the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR): "
+            "torchrun --nproc-per-node N --no-python sonicrec train RUN --ddp"
+        )
+    return int(os.environ["RANK"])
+
+
+@contextlib.contextmanager
+def _process_group(device_name: str) -> Iterator[None]:
+    """Join torchrun's process group for the duration: NCCL on CUDA (device LOCAL_RANK), else gloo."""
+    import torch.distributed as dist
+
+    distributed_rank(True)
+    cuda = select_device(device_name).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield
+        dist.barrier()  # the checkpoint is written when any process returns
+    finally:
+        dist.destroy_process_group()
+
+
 def _tensorboard(out_dir: Path):
     """A TensorBoard writer in out_dir/tensorboard when tensorboard is installed, else None."""
     try:
@@ -605,13 +705,16 @@ def _tensorboard(out_dir: Path):
 
 
 def train_run(
-    run: RunDir | str | Path, cfg: Config, *, name: str, resume: bool = False, show_progress: bool = True
+    run: RunDir | str | Path, cfg: Config, *, name: str, resume: bool = False, show_progress: bool = True,
+    ddp: bool = False,
 ) -> TrainResult:
     """Train model ``name`` on a run directory: features from RUN/features, targets from
     RUN/cf/factors.npz (and RUN/plays.parquet for WPE); writes RUN/model/NAME/.
 
     Training songs are the factors' "train" split that has features, validation songs the "valid"
     split's; songs with features but no factors, or factors but no features, are left out (logged).
+    ``ddp``: this process is one of several started by ``torchrun``; they train one model together
+    (module docstring) and rank 0 writes it.
     """
     from sonicrec.features import FeatureStore
 
@@ -642,10 +745,11 @@ def train_run(
         valid_ids, valid_objective = WPEObjective.from_plays(
             plays, factors, valid_ids, cfg.cf, scale=train_objective.scale
         )
-    return fit(
-        store, train_ids, train_objective, valid_ids, valid_objective, cfg, run.model / name,
-        resume=resume, show_progress=show_progress,
-    )
+    with _process_group(cfg.train.device) if ddp else contextlib.nullcontext():
+        return fit(
+            store, train_ids, train_objective, valid_ids, valid_objective, cfg, run.model / name,
+            resume=resume, show_progress=show_progress,
+        )
 
 
 def check_model_name(name: str) -> None:
