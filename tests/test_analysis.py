@@ -28,13 +28,7 @@ from sonicrec.model import AudioCNN
 from sonicrec.rundir import RunDir
 from sonicrec.train import train_run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_filter_mosaic_places_scaled_filters_between_gaps(tmp_path):

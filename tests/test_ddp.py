@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from sonicrec.config import AudioConfig, Config, ModelConfig, TrainConfig
 from sonicrec.errors import ConfigError
@@ -30,12 +29,7 @@ WEIGHT_TOLERANCE = 1e-5
 LOSS_TOLERANCE = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_run(root, n_train: int = 20, n_valid: int = 5, seed: int = 0) -> RunDir:

@@ -16,13 +16,7 @@ N_FACTORS = 4
 N_FRAMES = 160
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one intra-op thread is several times faster than two under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class MemoryStore:
