@@ -127,6 +127,16 @@ class Catalog:
         for row in self._db.execute(query + " ORDER BY track_id", args):
             yield _to_track(row)
 
+    def search(self, text: str, *, limit: int = 20, offset: int = 0) -> list[Track]:
+        """Tracks whose id, title, artist or collection contains ``text`` (ASCII case-insensitive), by id."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = " OR ".join(f"{c} LIKE :p ESCAPE '\\'" for c in ("track_id", "title", "artist", "collection"))
+        rows = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM tracks WHERE {where} ORDER BY track_id LIMIT :n OFFSET :o",
+            {"p": pattern, "n": limit, "o": offset},
+        )
+        return [_to_track(row) for row in rows]
+
     def ids(self, status: str | None = None) -> list[str]:
         return [t.track_id for t in self.tracks(status)]
 

@@ -58,6 +58,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plays", type=_positive_int, help="number of simulated play events")
     p.add_argument("--seed", type=_seed, default=0, help="seed of everything random")
     p.add_argument("--cache", type=Path, help="rendered-audio cache (default ~/.cache/sonicrec)")
+    p.add_argument("--serve", action="store_true", help="then open the web app on http://127.0.0.1:8000/")
     p.set_defaults(func=_run_demo)
 
 
@@ -75,9 +76,612 @@ def _run_demo(args: argparse.Namespace) -> None:
     )
     summary = run_demo(args.out, options)
     print(summary)
+    if args.serve:
+        _serve(args.out, host="127.0.0.1", port=8000, progress=args.progress)
 
 
-_COMMANDS = [_add_demo]
+# --- ingest -------------------------------------------------------------------------------------
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="extract log-mel features of audio files into a run's feature store",
+        description=(
+            "Register audio files, folders or CSV/TSV manifests (track_id,path[,title,artist]) in "
+            "RUN/catalog.sqlite and extract their log-mel spectrograms into RUN/features/. "
+            "Re-running skips finished tracks and resumes an interrupted run; bad files are "
+            "recorded as failed (see --report)."
+        ),
+    )
+    p.add_argument(
+        "paths", nargs="*", type=Path, metavar="PATH",
+        help="audio file, folder or manifest (none: the catalog's pending tracks)",
+    )
+    p.add_argument("--out", type=Path, metavar="RUN", help="run directory")
+    p.add_argument("--workers", type=_positive_int, help="worker processes (default: CPU cores)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad file")
+    p.add_argument("--retry-failed", action="store_true", help="try failed tracks again")
+    p.add_argument(
+        "--report", type=Path, metavar="RUN", help="list the failed tracks of RUN with their reasons"
+    )
+    p.add_argument(
+        "--engine", choices=("local", "spark"), default="local",
+        help="local worker processes (default) or a Spark job (sonicrec[spark])",
+    )
+    p.add_argument("--master", metavar="URL", help="--engine spark: Spark master (default: cf.spark_master)")
+    p.add_argument("--partitions", type=_positive_int, help="--engine spark: Spark tasks")
+    p.set_defaults(func=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace) -> None:
+    import os
+
+    from sonicrec.catalog import Catalog
+    from sonicrec.config import Config
+    from sonicrec.errors import DataError, OutputDirError
+    from sonicrec.features import discover_tracks, ingest_run, register_tracks
+    from sonicrec.rundir import RunDir
+
+    if args.report is not None:
+        run = RunDir(args.report)
+        if not run.catalog.is_file():
+            raise OutputDirError(f"{run.root}: no catalog.sqlite; run `sonicrec ingest PATH... --out RUN`")
+        with Catalog(run.catalog) as catalog:
+            for t in catalog.tracks("failed"):
+                print(f"{t.track_id}\t{t.path}\t{t.error}")
+            counts = catalog.counts()
+        print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['new']} not yet extracted")
+        return
+    if args.out is None:
+        raise OutputDirError("give the run directory: sonicrec ingest PATH... --out RUN")
+    run = RunDir(args.out)
+    if not args.paths and not run.catalog.is_file():
+        raise DataError("nothing to ingest: give audio files, folders or a manifest")
+    if run.config.is_file():
+        cfg = Config.load(run.config)
+    elif run.root.exists() and any(run.root.iterdir()):
+        raise OutputDirError(f"{run.root} is not empty and has no {run.config.name}: choose another --out")
+    else:
+        cfg = Config()
+        cfg.save(run.config)
+    with Catalog(run.catalog) as catalog:
+        log.info("%d new tracks registered", register_tracks(catalog, discover_tracks(args.paths)))
+    if args.engine == "spark":
+        from sonicrec.spark import ingest_run_spark
+
+        result = ingest_run_spark(
+            run, cfg.audio, master=args.master, partitions=args.partitions, strict=args.strict,
+            retry_failed=args.retry_failed, show_progress=args.progress,
+        )
+    else:
+        result = ingest_run(
+            run, cfg.audio, workers=args.workers or os.cpu_count() or 1, strict=args.strict,
+            retry_failed=args.retry_failed, show_progress=args.progress,
+        )
+    with Catalog(run.catalog) as catalog:
+        failed = catalog.counts()["failed"]
+    line = f"{result.ok} ok, {result.failed} failed"
+    if result.skipped:
+        line += f" ({result.skipped} done or failed before)"
+    if failed:
+        line += f", see sonicrec ingest --report {run.root}"
+    print(line)
+
+
+# --- factorize ----------------------------------------------------------------------------------
+
+
+def _add_factorize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "factorize",
+        help="WMF of play counts: user and song factors with a cold-start song split",
+        description=(
+            "Split songs into train/valid/test (seeded), fit weighted matrix factorisation "
+            "(confidence 1 + alpha log(1 + count/epsilon)) on the train songs, fold in the others "
+            "and save RUN/cf/factors.npz; then print held-out-play ranking metrics of WMF and "
+            "popularity. Works on RUN_DIR/plays.parquet, or reads --plays FILE into a new run "
+            "directory --out DIR."
+        ),
+    )
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--plays", type=Path, metavar="FILE", help="play-count file to read (needs --out)")
+    p.add_argument(
+        "--format", default="triplets", help="--plays format: triplets, lastfm1k, lastfm360k, csv, parquet"
+    )
+    p.add_argument("--out", type=Path, metavar="DIR", help="run directory to create for --plays")
+    p.add_argument("--user-col", default="user_id", help="csv/parquet: user column (default user_id)")
+    p.add_argument("--track-col", default="track_id", help="csv/parquet: item column (default track_id)")
+    p.add_argument(
+        "--count-col", default="count", help="csv/parquet: count column (default count; '' = 1 play per row)"
+    )
+    p.add_argument("--delimiter", help="csv: field delimiter (default: sniffed from the header)")
+    p.add_argument("--strict", action="store_true", help="stop at malformed rows instead of skipping them")
+    p.add_argument("--engine", choices=("implicit", "spark"), help="ALS engine (default: cf.engine)")
+    p.add_argument("--spark-master", metavar="URL", help="Spark master (default: cf.spark_master)")
+    p.add_argument("--factors", type=_positive_int, help="latent factors")
+    p.add_argument("--alpha", type=float, help="confidence scale alpha")
+    p.add_argument("--epsilon", type=float, help="confidence count scale epsilon")
+    p.add_argument("--reg", type=float, help="L2 regularisation lambda")
+    p.add_argument("--iterations", type=_positive_int, help="ALS iterations")
+    p.add_argument("--seed", type=_seed, help="seed of the song split, ALS init and held-out plays")
+    p.add_argument("--eval-k", type=_positive_int, default=50, help="cut-off k of held-out metrics")
+    p.add_argument(
+        "--eval-fraction", type=float, default=0.2, help="share of (user, song) pairs held out (0.2)"
+    )
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (a second fit)")
+    p.set_defaults(func=_run_factorize)
+
+
+def _run_factorize(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from sonicrec.cf import evaluate_heldout, factorize_run
+    from sonicrec.config import Config
+    from sonicrec.errors import ConfigError, OutputDirError
+    from sonicrec.interactions import read_play_matrix
+    from sonicrec.io import atomic_path
+    from sonicrec.rundir import RunDir
+
+    if (args.plays is None) == (args.run_dir is None):
+        raise ConfigError("give either RUN_DIR or --plays FILE --out DIR")
+    if args.plays is not None and args.out is None:
+        raise ConfigError("--plays needs --out DIR: the run directory to write")
+    run = RunDir(args.out if args.plays is not None else args.run_dir)
+    if run.config.is_file():
+        cfg = Config.load(run.config)
+    elif args.plays is not None and run.root.exists() and any(run.root.iterdir()):
+        raise OutputDirError(f"{run.root} is not empty and has no {run.config.name}: choose another --out")
+    else:
+        cfg = Config()
+    overrides = {
+        "engine": args.engine, "spark_master": args.spark_master, "factors": args.factors,
+        "alpha": args.alpha, "epsilon": args.epsilon, "regularization": args.reg,
+        "iterations": args.iterations, "seed": args.seed,
+    }
+    cf = dataclasses.replace(cfg.cf, **{k: v for k, v in overrides.items() if v is not None})
+    on_bad = "error" if args.strict else "skip"
+    if args.plays is not None:
+        plays = read_play_matrix(
+            args.plays, args.format, user_col=args.user_col, track_col=args.track_col,
+            count_col=args.count_col or None, delimiter=args.delimiter, on_bad=on_bad,
+            show_progress=args.progress,
+        )
+        with atomic_path(run.plays) as tmp:
+            plays.to_frame().to_parquet(tmp, index=False)
+    else:
+        plays = read_play_matrix(run.plays, "parquet", on_bad="error", show_progress=args.progress)
+    cfg = cfg.replace(cf=cf)
+    cfg.save(run.config)  # the config the factors were made with
+    factors = factorize_run(run, cf, plays=plays, show_progress=args.progress)
+    sizes = ", ".join(f"{s} {len(factors.songs(s))}" for s in ("train", "valid", "test"))
+    print(f"{run.factors}: {len(factors.user_ids)} users, {len(factors.song_ids)} songs ({sizes}), "
+          f"{factors.n_factors} factors, engine {cf.engine}")
+    if args.no_eval:
+        return
+    k = args.eval_k
+    results = evaluate_heldout(plays, cf, k=k, fraction=args.eval_fraction, show_progress=args.progress)
+    print(f"held-out plays ({args.eval_fraction:.0%} of user-song pairs, WMF refitted without them):")
+    print(f"  {'':<11}{'P@' + str(k):>9}{'mAP@' + str(k):>9}{'NDCG@' + str(k):>9}{'AUC@' + str(k):>9}")
+    for name, m in results.items():
+        print(f"  {name:<11}{m['precision']:>9.4f}{m['map']:>9.4f}{m['ndcg']:>9.4f}{m['auc']:>9.4f}")
+
+
+# --- recommend / audience / similar -----------------------------------------------------------
+
+
+def _add_ranking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--n", type=_positive_int, default=10, help="number of results (default 10)")
+    p.add_argument("--model", default="cnn-mse", help="model whose predicted factors place cold songs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _show_ranking(args: argparse.Namespace, rec, ranking, query: str, columns: dict) -> None:
+    """Print a Ranking with catalog metadata (songs) as a table or JSON; ``columns`` adds fields."""
+    import json
+
+    songs = args.command != "audience"
+    key = "track_id" if songs else "user_id"
+    info = rec.metadata(ranking.ids) if songs else [{}] * len(ranking.ids)
+    rows = []
+    for i, (item, score) in enumerate(zip(ranking.ids.tolist(), ranking.scores.tolist(), strict=True)):
+        row = {"rank": i + 1, key: item, "score": round(score, 4)}
+        if songs:
+            row["split"] = rec.split_of(item)
+        row.update({name: values[i] for name, values in columns.items()})
+        rows.append(row | info[i])
+    if args.json:
+        print(json.dumps({"command": args.command, "query": query, "model": args.model, "results": rows},
+                         indent=2))
+        return
+    print(f"{args.command} {query} (model {args.model}):")
+    for row in rows:
+        title = " - ".join(str(row[k]) for k in ("title", "artist") if row.get(k))
+        where = f" ({row['collection']})" if row.get("collection") else ""
+        split = f" [{row['split']}]" if songs else ""
+        extra = "  ".join(f"{name}={row[name]}" for name in columns)
+        print(f"{row['rank']:3d}. {row['score']:8.4f}  {row[key]}{split}  {title}{where}  {extra}".rstrip())
+
+
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "recommend",
+        help="songs for a user: played and never-played songs ranked together",
+        description="Rank warm songs (true CF factors) and cold songs (factors predicted from audio) "
+        "for one user.",
+    )
+    _add_ranking_options(p)
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("--warm-only", action="store_true", help="leave out never-played (cold) songs")
+    p.add_argument("--include-played", action="store_true", help="keep songs the user has played")
+    p.add_argument("--outliers", action="store_true",
+                   help="score how far each song sounds from the rest of the list (flag_outliers)")
+    p.set_defaults(func=_run_recommend)
+
+
+def _run_recommend(args: argparse.Namespace) -> None:
+    from sonicrec.recommend import Recommender
+
+    rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
+    ranking = rec.recommend(
+        args.user, args.n, include_cold=not args.warm_only, exclude_played=not args.include_played
+    )
+    columns = {}
+    if args.outliers:
+        flags = rec.flag_outliers(ranking)
+        columns = {"outlier_score": [round(float(s), 2) for s in flags.score],
+                   "outlier": flags.flagged.tolist()}
+    _show_ranking(args, rec, ranking, args.user, columns)
+
+
+def _add_audience(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audience",
+        help="the users most likely to enjoy a song or a new audio file",
+        description="Rank users for a track id of the run, or for a new audio file (through the model).",
+    )
+    _add_ranking_options(p)
+    p.add_argument("song", metavar="FILE|ID", help="an audio file or a track id")
+    p.set_defaults(func=_run_audience)
+
+
+def _run_audience(args: argparse.Namespace) -> None:
+    from sonicrec.recommend import Recommender
+
+    rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
+    _show_ranking(args, rec, rec.audience(args.song, args.n), args.song, {})
+
+
+def _add_similar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "similar",
+        help="a similar-songs playlist for a song or an audio file",
+        description="Songs nearest to a track id or a new audio file in the latent space (cosine), "
+        "the query track first.",
+    )
+    _add_ranking_options(p)
+    p.add_argument("song", metavar="FILE|ID", help="an audio file or a track id")
+    p.set_defaults(func=_run_similar)
+
+
+def _run_similar(args: argparse.Namespace) -> None:
+    from sonicrec.recommend import Recommender
+
+    rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
+    _show_ranking(args, rec, rec.similar(args.song, args.n), args.song, {})
+
+
+# --- baselines / evaluate -----------------------------------------------------------------------
+
+
+def _add_baselines(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "baselines",
+        help="fit the MFCC bag-of-words baselines (linear, MLP) of a run",
+        description=(
+            "MFCCs from RUN/features, a k-means vocabulary, per-track word histograms, PCA, then "
+            "ridge regression and an MLP trained on the training songs' unit-normalised factors "
+            "(RUN/cf/factors.npz). Writes RUN/predictions/mfcc-linear.npz and mfcc-mlp.npz."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the vocabulary and the MLP")
+    p.add_argument("--words", type=_positive_int, help="vocabulary size (default 1000)")
+    p.set_defaults(func=_run_baselines)
+
+
+def _run_baselines(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from sonicrec.baselines import BagOfWordsConfig, fit_baselines_run
+
+    cfg = BagOfWordsConfig()
+    if args.words:
+        cfg = dataclasses.replace(cfg, n_words=args.words)
+    paths = fit_baselines_run(args.run_dir, seed=args.seed, show_progress=args.progress, cfg=cfg)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="cold-start evaluation: mAP@500, AUC, NDCG, recall of every model on held-out songs",
+        description=(
+            "Rank the held-out songs for every user by user factor . song factor, for every "
+            "RUN/predictions/*.npz, the random and popularity baselines and the upper bound (true "
+            "CF factors), against the users' real plays. Writes RUN/evaluation/results.json, "
+            "results.md and results.png and prints the table."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--split", choices=("test", "valid"), default="test", help="songs to rank")
+    p.add_argument("-k", type=_positive_int, default=50, help="cutoff of NDCG@k and recall@k (50)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random baseline")
+    p.add_argument("--description", help="what the data is, written above the table")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from sonicrec.evaluate import evaluate_run, results_markdown
+    from sonicrec.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    results = evaluate_run(
+        run, split=args.split, k=args.k, seed=args.seed, description=args.description,
+        show_progress=args.progress,
+    )
+    print(results_markdown(results, description=results.get("description")))
+    print(f"written: {run.evaluation / 'results.json'}, results.md, results.png")
+
+
+# --- train / predict ----------------------------------------------------------------------------
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the CNN that predicts song factors from log-mel spectrograms",
+        description=(
+            "Train on RUN/features with the 'train' songs of RUN/cf/factors.npz as targets "
+            "(unit-normalised factors for --loss mse; play counts of RUN/plays.parquet and the user "
+            "factors for --loss wpe), validating on the 'valid' songs after every epoch. Settings "
+            "come from RUN/config.toml ([model], [train]); the options below override them. "
+            "Writes RUN/model/NAME/checkpoint.pt and metrics.csv."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--name", help="model name (default: cnn-LOSS)")
+    p.add_argument("--loss", choices=("mse", "wpe"), help="training objective")
+    p.add_argument("--small", action="store_true", help="the small CPU-friendly model (ModelConfig.small)")
+    p.add_argument("--epochs", type=_positive_int, help="maximum number of epochs")
+    p.add_argument("--batch-size", type=_positive_int, help="songs per minibatch")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), help="sgd (Nesterov momentum) or adam")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (0: load in the main one)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=_seed, help="seed of initialisation, order, crops and dropout")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/model/NAME/checkpoint.pt")
+    p.add_argument(
+        "--ddp", action="store_true",
+        help="data-parallel training under torchrun (torchrun --nproc-per-node N --no-python sonicrec "
+        "train RUN --ddp); train.batch_size is the global batch",
+    )
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from sonicrec.config import Config, ModelConfig
+    from sonicrec.rundir import RunDir
+    from sonicrec.train import distributed_rank, train_run
+
+    rank = distributed_rank(args.ddp)
+    if rank != 0:  # torchrun: rank 0 alone reports
+        args.progress = False
+        logging.getLogger().setLevel(logging.WARNING)
+    run = RunDir(args.run_dir)
+    cfg = Config.load(run.config) if run.config.is_file() else Config()
+    overrides = {
+        "loss": args.loss, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
+        "optimizer": args.optimizer, "num_workers": args.workers, "device": args.device, "seed": args.seed,
+    }
+    train = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
+    model = cfg.model
+    if args.small:
+        model = ModelConfig.small(n_mels=model.n_mels, n_factors=model.n_factors)
+    result = train_run(
+        run, cfg.replace(train=train, model=model), name=args.name or f"cnn-{train.loss}",
+        resume=args.resume, show_progress=args.progress, ddp=args.ddp,
+    )
+    if rank != 0:
+        return
+    print(
+        f"{result.loss}: best validation loss {result.best_valid:.5f} at epoch {result.best_epoch} "
+        f"of {result.epochs} (mean-target baseline {result.baseline_valid:.5f}; "
+        f"{result.train_songs} training, {result.valid_songs} validation songs)"
+    )
+    print(f"written: {result.checkpoint}, {result.metrics.name}")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict song factors from audio files, or for every track of a run's feature store",
+        description=(
+            "With AUDIO files: decode them, compute log-mels with the front end the model was "
+            "trained with, and write their factors to --out (keyed by file name without suffix). "
+            "With --catalog: predict every track of RUN/features into RUN/predictions/NAME.npz."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("audio", nargs="*", type=Path, metavar="AUDIO", help="audio files")
+    p.add_argument("--catalog", action="store_true", help="every track of the feature store")
+    p.add_argument("--name", default="cnn-mse", help="model name (default cnn-mse)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint file (default RUN/model/NAME/checkpoint.pt)")
+    p.add_argument("--out", type=Path, help="output .npz for AUDIO files")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="clips per batch (64)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="decoding threads (2)")
+    p.add_argument(
+        "--engine", choices=("local", "spark"), default="local",
+        help="--catalog: predict here (default) or as a Spark job, also writing RUN/predictions/NAME.parquet",
+    )
+    p.add_argument("--master", metavar="URL", help="--engine spark: Spark master (default: cf.spark_master)")
+    p.add_argument("--partitions", type=_positive_int, help="--engine spark: Spark tasks")
+    p.add_argument(
+        "--from-audio", action="store_true",
+        help="--engine spark: decode the catalog's audio files instead of reading RUN/features",
+    )
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from sonicrec.errors import DataError
+    from sonicrec.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    if args.catalog == bool(args.audio):
+        raise DataError("give either AUDIO files or --catalog")
+    if args.engine == "spark" or args.from_audio:
+        if not args.catalog or args.engine != "spark":
+            raise DataError("--engine spark works with --catalog, --from-audio with --engine spark")
+        from sonicrec.spark import predict_run_spark
+
+        written = predict_run_spark(
+            run, args.name, master=args.master, partitions=args.partitions, from_audio=args.from_audio,
+            batch_size=args.batch_size, show_progress=args.progress,
+        )
+        print(f"written: {written[0]}, {written[1]}")
+        return
+    if args.catalog:
+        from sonicrec.predict import predict_run
+
+        print(f"written: {predict_run(run, args.name, show_progress=args.progress)}")
+        return
+    if args.out is None:
+        raise DataError("give the output file for AUDIO predictions: --out FILE.npz")
+    stems: dict[str, Path] = {}
+    for path in args.audio:
+        if path.stem in stems:
+            raise DataError(f"{stems[path.stem]} and {path} would get the same id {path.stem!r}: rename one")
+        stems[path.stem] = path
+
+    from sonicrec.io import atomic_save_npz
+    from sonicrec.predict import Predictor
+
+    predictor = Predictor.load(args.checkpoint or run.model / args.name / "checkpoint.pt")
+    factors = predictor.predict_files(
+        args.audio, batch_size=args.batch_size, workers=args.workers, show_progress=args.progress
+    )
+    atomic_save_npz(args.out, song_ids=list(stems), factors=factors)
+    print(f"written: {args.out} ({len(stems)} tracks x {factors.shape[1]} factors)")
+
+
+# --- analyse ------------------------------------------------------------------------------------
+
+
+def _filter_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give filter numbers and commas, e.g. 3,17") from None
+
+
+def _add_analyse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyse",
+        help="what the network learned: filter images, activation playlists, a t-SNE map (HTML report)",
+        description=(
+            "Write a self-contained report folder (index.html + PNGs + report.json, RUN/analysis/ by "
+            "default): the first-layer filters, max- and mean-activation playlists of the most "
+            "selective filters, playlists of last-hidden-layer units, a t-SNE map of the predicted "
+            "factors and similar-song playlists, each track playable from the page."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--model", default="cnn-mse", help="model name (default cnn-mse)")
+    p.add_argument("--out", type=Path, help="report folder (default RUN/analysis)")
+    p.add_argument("--tracks", choices=("test", "valid", "train", "all"), default="test",
+                   help="tracks the playlists are drawn from (default test: never trained on)")
+    p.add_argument("--filters", type=_filter_list, default=[], metavar="N,N,...",
+                   help="first-layer filters to add to the most selective ones")
+    p.add_argument("--n-filters", type=_positive_int, default=8, help="most selective filters to show (8)")
+    p.add_argument("--n-units", type=_positive_int, default=8, help="most selective hidden units to show (8)")
+    p.add_argument("--queries", type=_positive_int, default=4, help="similar-song playlists (4)")
+    p.add_argument("--length", type=_positive_int, default=10, help="tracks per playlist (10)")
+    p.add_argument("--color-by", default="style",
+                   help="catalog field colouring the map: style, collection, composer, instrument_family")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the map, query tracks and p-values")
+    p.set_defaults(func=_run_analyse)
+
+
+def _run_analyse(args: argparse.Namespace) -> None:
+    import json
+
+    from sonicrec.analysis import build_report, summary_line
+
+    page = build_report(
+        args.run_dir, model=args.model, out=args.out, tracks=args.tracks, filters=args.filters,
+        n_filters=args.n_filters, n_units=args.n_units, n_queries=args.queries, length=args.length,
+        color_by=args.color_by, seed=args.seed, show_progress=args.progress,
+    )
+    report = json.loads((page.parent / "report.json").read_text(encoding="utf-8"))
+    for kind, summary in report["non_randomness"].items():
+        print(f"{kind} playlists: {summary_line(summary)}")
+    print(f"written: {page} ({report['seconds']['total']:.0f} s)")
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="the web app: search and play tracks, similar songs, recommendations, uploads, the map",
+        description=(
+            "Serve a run directory over HTTP: one web page and a JSON API (schema at /docs). Binds "
+            "to 127.0.0.1 unless --host says otherwise; uploads are size-limited and decoded in a "
+            "worker process with a timeout."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--model", default="cnn-mse", help="model placing cold songs and uploads (cnn-mse)")
+    p.add_argument("--upload-dir", type=Path, help="where uploads stay while placed (default: a temp dir)")
+    p.add_argument("--max-upload-mb", type=float, help="largest upload in MB (default 50)")
+    p.add_argument("--decode-timeout", type=float, help="longest decode of an upload in s (default 60)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="server processes, each with its own copy of the indexes (default 1)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=_run_serve)
+
+
+def _serve(run_dir: Path, *, host: str, port: int, progress: bool, **options) -> None:
+    from sonicrec.serve import serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: other machines can reach this server", host)
+    print(f"sonicrec web app of {run_dir}: http://{'[' + host + ']' if ':' in host else host}:{port}/ "
+          "(Ctrl-C stops it)")
+    serve(run_dir, host=host, port=port, show_progress=progress, **options)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    limits = {"max_upload_mb": args.max_upload_mb, "decode_timeout_s": args.decode_timeout}
+    _serve(
+        args.run_dir, host=args.host, port=args.port, progress=args.progress, model=args.model,
+        upload_dir=args.upload_dir, workers=args.workers, access_log=args.access_log,
+        **{k: v for k, v in limits.items() if v is not None},
+    )
+
+
+_COMMANDS = [
+    _add_demo, _add_ingest, _add_factorize, _add_recommend, _add_audience, _add_similar, _add_baselines,
+    _add_evaluate, _add_train, _add_predict, _add_analyse, _add_serve,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

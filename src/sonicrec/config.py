@@ -191,7 +191,7 @@ class IndexConfig:
     exact_below: int = 20_000  # fewer vectors than this: exact numpy search
     m: int = 16  # HNSW graph degree (voyager's M)
     ef_construction: int = 200
-    ef: int = 100  # search depth of a query (raised to k when k is larger)
+    ef: int = 400  # search depth of a query (raised to k when k is larger); see docs/benchmarks.md
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,79 @@
+"""The demo end to end on a tiny world (same code paths as `sonicrec demo --quick`), and its bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from sonicrec.catalog import Catalog
+from sonicrec.cli import main
+from sonicrec.demo import DemoOptions, prepare_run_dir, run_demo
+from sonicrec.factors import Factors
+from sonicrec.rundir import RunDir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "run"
+    cache = tmp_path_factory.mktemp("cache")
+    options = DemoOptions.preset(
+        quick=True, n_tracks=40, n_users=200, n_plays=6000, seed=3, cache_dir=cache, show_progress=False
+    )
+    summary = run_demo(root, options)
+    return RunDir(root), summary
+
+
+def test_demo_runs_every_stage(tiny_run):
+    run, summary = tiny_run
+    with Catalog(run.catalog) as catalog:
+        assert catalog.counts()["ok"] == 40
+    plays = pd.read_parquet(run.plays)
+    assert plays["count"].sum() == 6000
+    assert set(plays.track_id) <= set(Catalog(run.catalog).ids())
+    factors = Factors.load(run.factors)
+    assert set(factors.split) == {"train", "valid", "test"}
+    for name in ("cnn-mse", "cnn-wpe", "mfcc-linear", "mfcc-mlp"):
+        assert run.prediction(name).is_file(), name
+    results = json.loads((run.evaluation / "results.json").read_text())
+    assert "SIMULATED" in summary and "mAP@500" in summary
+    assert str(run.root.resolve()) in summary
+    assert results  # the table the summary printed was written too
+
+
+def test_an_existing_run_directory_is_reused(tiny_run):
+    run, _ = tiny_run
+    assert prepare_run_dir(run.root) == run
+
+
+@pytest.mark.parametrize(
+    "argv, words", [(["--tracks", "5"], "n_tracks=5"), (["--users", "50", "--plays", "10"], "n_plays")]
+)
+def test_impossible_world_sizes_are_one_line_errors(argv, words, tmp_path, capsys):
+    assert main(["-q", "demo", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+
+
+def test_foreign_output_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("precious")
+    assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and str(tmp_path) in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["-q", "demo", "--out", str(target)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--seed", "abc"], ["--seed", "-1"], ["--tracks", "0"], ["--users", "x"]])
+def test_bad_seed_or_count_is_a_one_line_usage_error(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(tmp_path / "run"), *argv])
+    assert exc.value.code == 2
+    assert argv[1] in capsys.readouterr().err
