@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # A CNN small enough to train on a 2-core CPU in minutes; the blog-size model is ModelConfig().
 DEMO_MODEL = ModelConfig.small()
-# On the demo world Adam beat Nesterov SGD (lr 0.05) clearly: validation MSE 0.0173 vs 0.0204 (docs/results.md).
+# On the demo world Adam beat Nesterov SGD (lr 0.05): validation MSE 0.0173 vs 0.0204 (docs/results.md).
 _ADAM = {"optimizer": "adam", "learning_rate": 0.001}
 
 
