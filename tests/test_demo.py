@@ -40,6 +40,7 @@ def test_demo_runs_every_stage(tiny_run):
     assert "SIMULATED" in summary and "mAP@500" in summary
     assert str(run.root.resolve()) in summary
     assert results  # the table the summary printed was written too
+    assert (run.analysis / "index.html").is_file()
 
 
 def test_an_existing_run_directory_is_reused(tiny_run):

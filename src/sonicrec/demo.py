@@ -3,7 +3,7 @@
 Stages (each a public function of its own module, called here in order):
 render (music21 corpus -> audio) -> catalog -> ingest (log-mel features) -> simulate listeners
 (SIMULATED play counts) -> factorize (WMF) -> train CNNs (MSE, WPE) -> predict -> baselines ->
-evaluate. Rendered audio is cached across runs, so a second demo skips the expensive part.
+evaluate -> analysis report. Rendered audio is cached across runs, so a second demo skips the expensive part.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def run_demo(out: Path, options: DemoOptions) -> str:
         stages.run(f"train {name}", _train, run, loss_cfg, name, options.show_progress)
         stages.run(f"predict {name}", _predict, run, name, options.show_progress)
     stages.run("baselines (MFCC bag-of-words)", _baselines, run, cfg.demo.seed, options.show_progress)
-    results = stages.run("evaluate (cold start)", _evaluate, run, options.show_progress)
-    return _summary(run, stages, results)
+    stages.run("evaluate (cold start)", _evaluate, run, options.show_progress)
+    stages.run("analysis report", _analyse, run, cfg.demo.seed, options.show_progress)
+    return _summary(run, stages)
 
 
 def _render(run, demo_cfg, cache_dir, workers, show_progress):
@@ -194,7 +195,16 @@ def _evaluate(run, show_progress):
     return evaluate_run(run, show_progress=show_progress)
 
 
-def _summary(run: RunDir, stages: _Stages, results) -> str:
+def _analyse(run, seed, show_progress):
+    from sonicrec.analysis import build_report
+    from sonicrec.factors import Factors
+
+    # Playlists come from the never-played test songs, unless a small world has too few of them.
+    tracks = "test" if len(Factors.load(run.factors).songs("test")) >= 30 else "all"
+    return build_report(run, model="cnn-mse", tracks=tracks, seed=seed, show_progress=show_progress)
+
+
+def _summary(run: RunDir, stages: _Stages) -> str:
     lines = ["", "sonicrec demo finished (listeners and their plays are SIMULATED; the music is real)."]
     lines += [f"  {name:<34} {sec:7.1f} s" for name, sec in stages.seconds.items()]
     lines.append(f"  {'total':<34} {sum(stages.seconds.values()):7.1f} s")
@@ -208,5 +218,8 @@ def _summary(run: RunDir, stages: _Stages, results) -> str:
         f"  factors      {run.factors}",
         f"  models       {run.model}",
         f"  evaluation   {run.evaluation}",
+        f"  report       {run.analysis / 'index.html'}",
+        "",
+        f"Explore it in the browser: sonicrec serve {run.root}",
     ]
     return "\n".join(lines)
