@@ -49,8 +49,8 @@ class DemoOptions:
     ) -> DemoOptions:
         """The default world (about 15 min on 2 cores) or the quick one (same code paths, ~3 min)."""
         if quick:
-            demo = DemoConfig(n_tracks=150, n_users=800, n_plays=30_000, seed=seed)
-            train = TrainConfig(epochs=10, patience=3, batch_size=16, **_ADAM, seed=seed)
+            demo = DemoConfig(n_tracks=300, n_users=1500, n_plays=60_000, seed=seed)
+            train = TrainConfig(epochs=20, patience=4, batch_size=16, **_ADAM, seed=seed)
         else:
             demo = DemoConfig(seed=seed)
             train = TrainConfig(epochs=60, patience=5, batch_size=32, **_ADAM, seed=seed)
