@@ -143,9 +143,17 @@ class Recommender:
 
     @classmethod
     def load(
-        cls, run_dir: str | Path, model: str = "cnn-mse", *, show_progress: bool = False
+        cls,
+        run_dir: str | Path,
+        model: str = "cnn-mse",
+        *,
+        predictor: AudioPredictor | None = None,
+        show_progress: bool = False,
     ) -> Recommender:
-        """The Recommender of a run directory, with the predicted factors of model ``model``."""
+        """The Recommender of a run directory, with the predicted factors of model ``model``.
+
+        Audio-file queries use ``predictor`` if given, else the model's checkpoint (loaded lazily).
+        """
         from sonicrec.evaluate import load_predictions
         from sonicrec.interactions import read_plays
 
@@ -157,7 +165,8 @@ class Recommender:
             known = sorted(p.stem for p in run.predictions.glob("*.npz"))
             raise DataError(
                 f"no predictions of model {model!r} at {path}: run `sonicrec predict {run.root} "
-                f"--model {model}` first" + (f" or choose one of: {', '.join(known)}" if known else "")
+                f"--catalog --name {model}` first"
+                + (f" or choose one of: {', '.join(known)}" if known else "")
             )
         predicted_ids, predicted = load_predictions(path, factors.n_factors)
         return cls(
@@ -166,6 +175,7 @@ class Recommender:
             predicted,
             read_plays(run.plays, fmt="parquet", show_progress=show_progress),
             catalog=run.catalog if run.catalog.exists() else None,
+            predictor=predictor,
             checkpoint=run.model / model / "checkpoint.pt",
             index_config=config.index,
             index_dir=run.index / model,

@@ -242,16 +242,6 @@ class UploadPredictor:
         return path
 
 
-class _ServedRecommender(Recommender):
-    """A Recommender whose audio-file queries go through the server's :class:`UploadPredictor`."""
-
-    uploads: UploadPredictor
-
-    @property
-    def predictor(self) -> UploadPredictor:
-        return self.uploads
-
-
 class _UploadSizeLimit:
     """ASGI middleware: answer 413 once an upload's request body grows past ``max_bytes``."""
 
@@ -487,13 +477,15 @@ def create_app(
         raise DataError("max_upload_mb and decode_timeout_s must be positive")
     run = RunDir(run_dir)
     config = Config.load(run.config) if run.config.is_file() else Config()
-    rec = _ServedRecommender.load(run.root, model, show_progress=show_progress)
     own_upload_dir = upload_dir is None
     uploads_root = Path(tempfile.mkdtemp(prefix="sonicrec-uploads-") if own_upload_dir else upload_dir)
     uploads_root.mkdir(parents=True, exist_ok=True)
-    rec.uploads = UploadPredictor(
-        uploads_root, checkpoint=rec.checkpoint, model=predictor, timeout_s=decode_timeout_s
+    uploads = UploadPredictor(
+        uploads_root, checkpoint=run.model / model / "checkpoint.pt", model=predictor,
+        timeout_s=decode_timeout_s,
     )
+    # Audio-file queries of the Recommender go through the upload worker (decode with a timeout).
+    rec = Recommender.load(run.root, model, predictor=uploads, show_progress=show_progress)
     song_map: list[SongMap] = []  # computed on first use
     map_lock = threading.Lock()
 
@@ -506,7 +498,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        rec.uploads.close()
+        uploads.close()
         if own_upload_dir:
             shutil.rmtree(uploads_root, ignore_errors=True)
 
@@ -686,7 +678,7 @@ def create_app(
     ) -> UploadResult:
         """Place a new audio file (cold start): its predicted factors, similar songs and audience."""
         try:
-            await run_in_threadpool(lambda: rec.uploads.model)  # loaded on the first upload
+            await run_in_threadpool(lambda: uploads.model)  # loaded on the first upload
         except DataError as exc:
             raise HTTPException(503, str(exc)) from None
         name = _display_name(file.filename)
@@ -703,7 +695,7 @@ def create_app(
                 _place_upload, rec, path, name, n
             )
         finally:
-            rec.uploads.forget(path)
+            uploads.forget(path)
             path.unlink(missing_ok=True)
         point = get_map().place(factors, similar_ranking)
         return UploadResult(
@@ -737,10 +729,10 @@ class _ReportFiles(StaticFiles):
 
 
 def _place_upload(
-    rec: _ServedRecommender, path: Path, name: str, n: int
+    rec: Recommender, path: Path, name: str, n: int
 ) -> tuple[np.ndarray, Ranking, Ranking]:
     """Decode and predict an upload once, then ask the Recommender about it."""
-    factors = rec.uploads.place(path, name=name)
+    factors = rec.predictor.place(path, name=name)  # the server's UploadPredictor
     return factors, rec.similar(path, n), rec.audience(path, n)
 
 
