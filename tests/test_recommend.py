@@ -257,3 +257,27 @@ def test_audio_file_through_the_real_front_end_and_model(world, tmp_path):
     by_file, by_id = rec.similar(audio, 6), rec.similar("t52", 6)
     assert by_file.ids.tolist() == by_id.ids.tolist()
     np.testing.assert_allclose(by_file.scores, by_id.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_gives_cold_songs_their_share_when_predictions_crowd_the_mean(world):
+    factors, predicted_ids, _, plays = world
+    rng = np.random.default_rng(5)
+    # Predictions that all lean towards one direction the users share: raw scores favour them.
+    users = factors.user_factors.mean(axis=0)
+    crowded = unit_rows(users + 0.15 * rng.standard_normal((len(predicted_ids), K)) * np.linalg.norm(users))
+    shifted = Factors(factors.user_ids, factors.song_ids,
+                      factors.user_factors + 3 * users, factors.song_factors, factors.split)
+    rec = Recommender(shifted, predicted_ids, crowded, plays)
+    cold = set(rec.cold_ids.tolist())
+    share = {c: np.mean([np.mean([i in cold for i in rec.recommend(u, 10, calibrate=c).ids])
+                         for u in shifted.user_ids]) for c in (False, True)}
+    catalog_share = len(cold) / (len(cold) + len(rec.warm_ids))
+    assert share[False] > catalog_share + 0.3  # raw scores: cold songs crowd the top 10
+    assert abs(share[True] - catalog_share) < 0.2
+    ranking = rec.recommend("u00", 10, calibrate=True)
+    assert np.all(np.diff(ranking.scores) <= 0)
+    # within a group the order is the raw order
+    raw = rec.recommend("u00", 60, calibrate=False)
+    warm_raw = [i for i in raw.ids if i not in cold]
+    warm_cal = [i for i in ranking.ids if i not in cold]
+    assert warm_cal == warm_raw[: len(warm_cal)]

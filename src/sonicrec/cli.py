@@ -315,6 +315,8 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("--warm-only", action="store_true", help="leave out never-played (cold) songs")
     p.add_argument("--include-played", action="store_true", help="keep songs the user has played")
+    p.add_argument("--calibrate", action="store_true",
+                   help="merge warm and cold songs by z-score within each group (fair share of cold songs)")
     p.add_argument("--outliers", action="store_true",
                    help="score how far each song sounds from the rest of the list (flag_outliers)")
     p.set_defaults(func=_run_recommend)
@@ -325,7 +327,8 @@ def _run_recommend(args: argparse.Namespace) -> None:
 
     rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
     ranking = rec.recommend(
-        args.user, args.n, include_cold=not args.warm_only, exclude_played=not args.include_played
+        args.user, args.n, include_cold=not args.warm_only, exclude_played=not args.include_played,
+        calibrate=args.calibrate,
     )
     columns = {}
     if args.outliers:
