@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-from sonicrec.cf import heldout_split, popularity_metrics, ranking_metrics
+from sonicrec.cf import heldout_ranking_metrics, heldout_split, popularity_metrics
 from sonicrec.config import CFConfig
 
 
@@ -147,7 +147,9 @@ def main() -> None:
             child.join()
             factors = np.load(out)
             start = time.perf_counter()
-            metrics = ranking_metrics(factors["user_factors"], factors["song_factors"], fit, held, k=args.k)
+            metrics = heldout_ranking_metrics(
+                factors["user_factors"], factors["song_factors"], fit, held, k=args.k
+            )
             result["eval"] = time.perf_counter() - start
             rows.append((engine, result, metrics))
     popularity = popularity_metrics(fit, held, k=args.k)

@@ -220,7 +220,7 @@ def heldout_split(
     return fit.tocsr(), held.tocsr()
 
 
-def ranking_metrics(
+def heldout_ranking_metrics(
     user_factors: np.ndarray,
     song_factors: np.ndarray,
     fit_counts: sparse.spmatrix,
@@ -258,7 +258,7 @@ def popularity_metrics(
     """The popularity baseline: every user gets the songs with most listeners in ``fit_counts``."""
     listeners = np.asarray((sparse.csr_matrix(fit_counts) > 0).sum(axis=0), dtype=np.float32).reshape(-1, 1)
     users = np.ones((fit_counts.shape[0], 1), dtype=np.float32)
-    return ranking_metrics(users, listeners, fit_counts, heldout_counts, k=k)
+    return heldout_ranking_metrics(users, listeners, fit_counts, heldout_counts, k=k)
 
 
 def evaluate_heldout(
@@ -273,14 +273,14 @@ def evaluate_heldout(
 
     Returns
     -------
-    {"wmf": metrics, "popularity": metrics}, metrics as in :func:`ranking_metrics`
+    {"wmf": metrics, "popularity": metrics}, metrics as in :func:`heldout_ranking_metrics`
     (seeded by ``cfg.seed``).
     """
     counts = plays.counts if isinstance(plays, PlayMatrix) else sparse.csr_matrix(plays)
     fit, held = heldout_split(counts, fraction=fraction, seed=cfg.seed)
     user_factors, song_factors = fit_wmf(fit, cfg, show_progress=show_progress)
     return {
-        "wmf": ranking_metrics(user_factors, song_factors, fit, held, k=k),
+        "wmf": heldout_ranking_metrics(user_factors, song_factors, fit, held, k=k),
         "popularity": popularity_metrics(fit, held, k=k),
     }
 
