@@ -7,7 +7,7 @@ import pytest
 
 from sonicrec.catalog import Catalog
 from sonicrec.cli import main
-from sonicrec.demo import DemoOptions, prepare_run_dir, run_demo
+from sonicrec.demo import DemoOptions, run_demo
 from sonicrec.factors import Factors
 from sonicrec.rundir import RunDir
 
@@ -45,7 +45,7 @@ def test_demo_runs_every_stage(tiny_run):
 
 def test_an_existing_run_directory_is_reused(tiny_run):
     run, _ = tiny_run
-    assert prepare_run_dir(run.root) == run
+    assert RunDir.prepare(run.root) == run
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,6 @@ def _run_ingest(args: argparse.Namespace) -> None:
     import os
 
     from sonicrec.catalog import Catalog
-    from sonicrec.config import Config
     from sonicrec.errors import DataError, OutputDirError
     from sonicrec.features import discover_tracks, ingest_run, register_tracks
     from sonicrec.rundir import RunDir
@@ -135,15 +134,11 @@ def _run_ingest(args: argparse.Namespace) -> None:
         return
     if args.out is None:
         raise OutputDirError("give the run directory: sonicrec ingest PATH... --out RUN")
-    run = RunDir(args.out)
-    if not args.paths and not run.catalog.is_file():
+    if not args.paths and not RunDir(args.out).catalog.is_file():
         raise DataError("nothing to ingest: give audio files, folders or a manifest")
-    if run.config.is_file():
-        cfg = Config.load(run.config)
-    elif run.root.exists() and any(run.root.iterdir()):
-        raise OutputDirError(f"{run.root} is not empty and has no {run.config.name}: choose another --out")
-    else:
-        cfg = Config()
+    run = RunDir.prepare(args.out)
+    cfg = run.read_config()
+    if not run.config.is_file():
         cfg.save(run.config)
     with Catalog(run.catalog) as catalog:
         log.info("%d new tracks registered", register_tracks(catalog, discover_tracks(args.paths)))
@@ -217,8 +212,7 @@ def _run_factorize(args: argparse.Namespace) -> None:
     import dataclasses
 
     from sonicrec.cf import evaluate_heldout, factorize_run
-    from sonicrec.config import Config
-    from sonicrec.errors import ConfigError, OutputDirError
+    from sonicrec.errors import ConfigError
     from sonicrec.interactions import read_play_matrix
     from sonicrec.io import atomic_path
     from sonicrec.rundir import RunDir
@@ -227,13 +221,8 @@ def _run_factorize(args: argparse.Namespace) -> None:
         raise ConfigError("give either RUN_DIR or --plays FILE --out DIR")
     if args.plays is not None and args.out is None:
         raise ConfigError("--plays needs --out DIR: the run directory to write")
-    run = RunDir(args.out if args.plays is not None else args.run_dir)
-    if run.config.is_file():
-        cfg = Config.load(run.config)
-    elif args.plays is not None and run.root.exists() and any(run.root.iterdir()):
-        raise OutputDirError(f"{run.root} is not empty and has no {run.config.name}: choose another --out")
-    else:
-        cfg = Config()
+    run = RunDir.prepare(args.out) if args.plays is not None else RunDir(args.run_dir)
+    cfg = run.read_config()
     overrides = {
         "engine": args.engine, "spark_master": args.spark_master, "factors": args.factors,
         "alpha": args.alpha, "epsilon": args.epsilon, "regularization": args.reg,
@@ -477,7 +466,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from sonicrec.config import Config, ModelConfig
+    from sonicrec.config import ModelConfig
     from sonicrec.rundir import RunDir
     from sonicrec.train import distributed_rank, train_run
 
@@ -486,7 +475,7 @@ def _run_train(args: argparse.Namespace) -> None:
         args.progress = False
         logging.getLogger().setLevel(logging.WARNING)
     run = RunDir(args.run_dir)
-    cfg = Config.load(run.config) if run.config.is_file() else Config()
+    cfg = run.read_config()
     overrides = {
         "loss": args.loss, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
         "optimizer": args.optimizer, "num_workers": args.workers, "device": args.device, "seed": args.seed,

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sonicrec.config import Config, DemoConfig, ModelConfig, TrainConfig
-from sonicrec.errors import OutputDirError
-from sonicrec.rundir import MARKER, RunDir
+from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +68,6 @@ class DemoOptions:
         return cls(config=config, cache_dir=cache_dir, show_progress=show_progress)
 
 
-def prepare_run_dir(root: Path) -> RunDir:
-    """Create or reuse ``root`` as a run directory; refuse a directory sonicrec did not make."""
-    root = Path(root)
-    if root.exists():
-        if not root.is_dir():
-            raise OutputDirError(f"{root} exists and is not a directory: choose another --out")
-        if any(root.iterdir()) and not (root / MARKER).is_file():
-            raise OutputDirError(
-                f"{root} is not empty and holds no sonicrec run ({MARKER} missing): "
-                "choose another --out, or empty it"
-            )
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputDirError(f"cannot create {root}: {exc.strerror}") from exc
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise OutputDirError(f"{root} is not writable: choose another --out")
-    return RunDir(root)
-
-
 class _Stages:
     """Times and logs each stage of the demo."""
 
@@ -109,7 +87,7 @@ def run_demo(out: Path, options: DemoOptions) -> str:
     """Build the demo world in ``out`` and run every stage; return a printable summary."""
     from sonicrec.catalog import Catalog
 
-    run = prepare_run_dir(out)
+    run = RunDir.prepare(out)
     cfg = options.config
     cfg.save(run.config)
     stages = _Stages()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sonicrec.catalog import Catalog, Track
-from sonicrec.config import AudioConfig, Config
+from sonicrec.config import AudioConfig
 from sonicrec.errors import AudioError, ConfigError, DataError, UnknownIdError
 from sonicrec.io import atomic_path, atomic_write_text
 from sonicrec.rundir import RunDir
@@ -359,7 +359,7 @@ def ingest_run(
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     if cfg is None:
-        cfg = Config.load(run.config).audio if run.config.is_file() else AudioConfig()
+        cfg = run.read_config().audio
     ok = failed = 0
     writer = FeatureStoreWriter(run.features, cfg, shard_size=shard_size)
     with Catalog(run.catalog) as catalog, writer as store:

@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sonicrec.catalog import Catalog
-from sonicrec.config import Config, IndexConfig
+from sonicrec.config import IndexConfig
 from sonicrec.errors import DataError, UnknownIdError
 from sonicrec.factors import Factors, unit_rows
 from sonicrec.index import VectorIndex
@@ -160,7 +160,7 @@ class Recommender:
         from sonicrec.interactions import read_plays
 
         run = RunDir(run_dir)
-        config = Config.load(run.config) if run.config.exists() else Config()
+        config = run.read_config()
         factors = Factors.load(run.factors)
         path = run.prediction(model)
         if not path.exists():

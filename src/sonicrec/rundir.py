@@ -18,8 +18,15 @@ One place names the files, so stages agree without passing paths around::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sonicrec.errors import OutputDirError
+
+if TYPE_CHECKING:
+    from sonicrec.config import Config
 
 MARKER = "config.toml"
 
@@ -30,6 +37,32 @@ class RunDir:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def prepare(cls, root: str | Path) -> RunDir:
+        """Create or reuse ``root`` as a run directory; refuse a directory sonicrec did not make."""
+        root = Path(root)
+        if root.exists():
+            if not root.is_dir():
+                raise OutputDirError(f"{root} exists and is not a directory: choose another --out")
+            if any(root.iterdir()) and not (root / MARKER).is_file():
+                raise OutputDirError(
+                    f"{root} is not empty and holds no sonicrec run ({MARKER} missing): "
+                    "choose another --out, or empty it"
+                )
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputDirError(f"cannot create {root}: {exc.strerror}") from exc
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise OutputDirError(f"{root} is not writable: choose another --out")
+        return cls(root)
+
+    def read_config(self) -> Config:
+        """The run's configuration (RUN/config.toml), or the defaults when it has none."""
+        from sonicrec.config import Config
+
+        return Config.load(self.config) if self.config.is_file() else Config()
 
     @property
     def config(self) -> Path:

@@ -476,7 +476,7 @@ def create_app(
     if max_upload_mb <= 0 or decode_timeout_s <= 0:
         raise DataError("max_upload_mb and decode_timeout_s must be positive")
     run = RunDir(run_dir)
-    config = Config.load(run.config) if run.config.is_file() else Config()
+    config = run.read_config()
     own_upload_dir = upload_dir is None
     uploads_root = Path(tempfile.mkdtemp(prefix="sonicrec-uploads-") if own_upload_dir else upload_dir)
     uploads_root.mkdir(parents=True, exist_ok=True)

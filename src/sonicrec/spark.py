@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from sonicrec.catalog import Catalog
-from sonicrec.config import AudioConfig, Config
+from sonicrec.config import AudioConfig
 from sonicrec.errors import AudioError, DataError, require
 from sonicrec.features import DEFAULT_SHARD_SIZE, Extracted, IngestResult
 from sonicrec.io import atomic_save_npz
@@ -134,7 +134,7 @@ def ingest_run_spark(
     from sonicrec.features import FeatureStoreWriter, mark_extracted, tracks_to_extract
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    config = Config.load(run.config) if run.config.is_file() else Config()
+    config = run.read_config()
     cfg = cfg or config.audio
     writer = FeatureStoreWriter(run.features, cfg, shard_size=shard_size)
     for stale in run.features.glob(f"{_STAGING_PREFIX}*"):  # left by an interrupted job
@@ -257,7 +257,7 @@ def predict_run_spark(
     check_model_name(name)
     checkpoint = run.model / name / "checkpoint.pt"
     n_factors = Predictor.load(checkpoint, device="cpu").n_factors  # fails early on a bad checkpoint
-    config = Config.load(run.config) if run.config.is_file() else Config()
+    config = run.read_config()
     if from_audio:
         with Catalog(run.catalog) as catalog:
             ok = [(t.track_id, t.path) for t in catalog.tracks("ok")]
