@@ -335,14 +335,16 @@ def _add_audience(sub: argparse._SubParsersAction) -> None:
     )
     _add_ranking_options(p)
     p.add_argument("song", metavar="FILE|ID", help="an audio file or a track id")
-    p.set_defaults(func=_run_audience)
+    p.set_defaults(func=_run_song_query)
 
 
-def _run_audience(args: argparse.Namespace) -> None:
+def _run_song_query(args: argparse.Namespace) -> None:
+    """``audience`` and ``similar``: a Recommender question about one song or audio file."""
     from sonicrec.recommend import Recommender
 
     rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
-    _show_ranking(args, rec, rec.audience(args.song, args.n), args.song, {})
+    ranking = getattr(rec, args.command)(args.song, args.n)
+    _show_ranking(args, rec, ranking, args.song, {})
 
 
 def _add_similar(sub: argparse._SubParsersAction) -> None:
@@ -354,14 +356,7 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     )
     _add_ranking_options(p)
     p.add_argument("song", metavar="FILE|ID", help="an audio file or a track id")
-    p.set_defaults(func=_run_similar)
-
-
-def _run_similar(args: argparse.Namespace) -> None:
-    from sonicrec.recommend import Recommender
-
-    rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
-    _show_ranking(args, rec, rec.similar(args.song, args.n), args.song, {})
+    p.set_defaults(func=_run_song_query)
 
 
 # --- baselines / evaluate -----------------------------------------------------------------------
