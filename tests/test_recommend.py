@@ -281,3 +281,19 @@ def test_calibration_gives_cold_songs_their_share_when_predictions_crowd_the_mea
     warm_raw = [i for i in raw.ids if i not in cold]
     warm_cal = [i for i in ranking.ids if i not in cold]
     assert warm_cal == warm_raw[: len(warm_cal)]
+
+
+def test_calibrated_similar_keeps_the_query_first_and_mixes_the_groups(world):
+    factors, predicted_ids, _, plays = world
+    rng = np.random.default_rng(6)
+    centre = rng.standard_normal(K)
+    crowded = unit_rows(centre + 0.2 * np.linalg.norm(centre) * rng.standard_normal((len(predicted_ids), K)))
+    rec = Recommender(factors, predicted_ids, crowded, plays)
+    cold = set(rec.cold_ids.tolist())
+    query = rec.cold_ids[0]
+    raw = rec.similar(query, 11)
+    calibrated = rec.similar(query, 11, calibrate=True)
+    assert raw.ids[0] == calibrated.ids[0] == query
+    share = {name: np.mean([i in cold for i in r.ids[1:]]) for name, r in (("raw", raw), ("cal", calibrated))}
+    assert share["raw"] == 1.0  # crowded predictions: every raw neighbour is another cold song
+    assert share["cal"] < 0.8

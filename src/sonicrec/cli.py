@@ -343,7 +343,8 @@ def _run_song_query(args: argparse.Namespace) -> None:
     from sonicrec.recommend import Recommender
 
     rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
-    ranking = getattr(rec, args.command)(args.song, args.n)
+    options = {"calibrate": True} if getattr(args, "calibrate", False) else {}
+    ranking = getattr(rec, args.command)(args.song, args.n, **options)
     _show_ranking(args, rec, ranking, args.song, {})
 
 
@@ -356,6 +357,8 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     )
     _add_ranking_options(p)
     p.add_argument("song", metavar="FILE|ID", help="an audio file or a track id")
+    p.add_argument("--calibrate", action="store_true",
+                   help="merge warm and cold songs by z-score within each group (fair share of cold songs)")
     p.set_defaults(func=_run_song_query)
 
 

@@ -217,14 +217,10 @@ class Recommender:
         row = self._user_row(user)
         x = self.factors.user_factors[row]
         played = self.warm_ids[self._row_cols(self._plays, row)] if exclude_played else ()
-        groups = [(self._songs_warm.query(x, n, exclude=played), self._warm_moments)]
-        if include_cold:
-            groups.append((self._songs_cold.query(x, n), self._cold_moments))
-        if calibrate:
-            direction = x / max(float(np.linalg.norm(x)), 1e-12)
-            return Ranking(*_merge([(ids, m.standardise(direction, cos)) for (ids, cos), m in groups], n))
-        ids, cosines = _merge([part for part, _ in groups], n)
-        return Ranking(ids, (cosines * np.linalg.norm(x)).astype(np.float32))
+        ids, scores = self._nearest_songs(
+            x, n, exclude=played, include_cold=include_cold, calibrate=calibrate
+        )
+        return Ranking(ids, scores if calibrate else (scores * np.linalg.norm(x)).astype(np.float32))
 
     def audience(self, song: Query, n: int = 10, *, exclude_played: bool = True) -> Ranking:
         """The ``n`` users most likely to enjoy a song: a track id or a (new) audio file.
@@ -238,19 +234,20 @@ class Recommender:
             listeners = self.factors.user_ids[self._row_cols(self._listeners, self._warm_row[track])]
         return Ranking(*self._users.query(y, n, exclude=listeners))
 
-    def similar(self, song: Query, n: int = 10) -> Ranking:
+    def similar(self, song: Query, n: int = 10, *, calibrate: bool = False) -> Ranking:
         """A playlist of ``n`` songs like ``song`` (a track id or an audio file), by cosine similarity.
 
         A track id comes first (cosine 1) followed by its ``n - 1`` nearest songs; an audio file's
         playlist is its ``n`` nearest songs (the file's own track first when it is in the run).
+        ``calibrate`` merges warm and cold songs by z-score within each group, as in :meth:`recommend`
+        (a new file's raw neighbours are mostly other audio-predicted, cold songs).
         """
         y, track = self._song_vector(song)
         if track is None:
-            return Ranking(*_merge([self._songs_warm.query(y, n), self._songs_cold.query(y, n)], n))
+            return Ranking(*self._nearest_songs(y, n, calibrate=calibrate))
         ids, scores = np.array([track]), np.ones(1, dtype=np.float32)
         if n > 1:
-            nearest = [idx.query(y, n - 1, exclude=[track]) for idx in (self._songs_warm, self._songs_cold)]
-            others, other_scores = _merge(nearest, n - 1)
+            others, other_scores = self._nearest_songs(y, n - 1, exclude=[track], calibrate=calibrate)
             ids, scores = np.concatenate([ids, others]), np.concatenate([scores, other_scores])
         return Ranking(ids, scores)
 
@@ -321,6 +318,25 @@ class Recommender:
 
             self._predictor = Predictor.load(self.checkpoint)
         return self._predictor
+
+    def _nearest_songs(
+        self,
+        x: np.ndarray,
+        n: int,
+        *,
+        exclude=(),
+        include_cold: bool = True,
+        calibrate: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` warm and cold songs best aligned with ``x`` (k,): ids and cosines (or z-scores)."""
+        groups = [(self._songs_warm, self._warm_moments)]
+        if include_cold:
+            groups.append((self._songs_cold, self._cold_moments))
+        parts = [(index.query(x, n, exclude=exclude), moments) for index, moments in groups]
+        if not calibrate:
+            return _merge([part for part, _ in parts], n)
+        direction = x / max(float(np.linalg.norm(x)), 1e-12)
+        return _merge([(ids, m.standardise(direction, cos)) for (ids, cos), m in parts], n)
 
     def _song_vector(self, song: Query) -> tuple[np.ndarray, str | None]:
         """(k,) unit factors of a song and its track id (None for an audio file)."""
