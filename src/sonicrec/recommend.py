@@ -309,12 +309,9 @@ class Recommender:
     def predictor(self) -> AudioPredictor:
         """The audio model (loaded on first use from ``checkpoint``)."""
         if self._predictor is None:
-            if self.checkpoint is None or not Path(self.checkpoint).exists():
-                raise DataError(
-                    f"no model checkpoint at {self.checkpoint}: train the model (`sonicrec train`) "
-                    "before querying with audio files"
-                )
-            from sonicrec.predict import Predictor
+            if self.checkpoint is None:
+                raise DataError("audio-file queries need a model: give a predictor or a checkpoint")
+            from sonicrec.predict import Predictor  # a missing checkpoint is a clear DataError there
 
             self._predictor = Predictor.load(self.checkpoint)
         return self._predictor

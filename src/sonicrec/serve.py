@@ -180,7 +180,7 @@ class UploadPredictor:
     """
 
     def __init__(
-        self, upload_dir: Path, *, checkpoint: Path | None = None, model: LogMelModel | None = None,
+        self, upload_dir: Path, *, checkpoint: Path, model: LogMelModel | None = None,
         timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
     ) -> None:
         self.upload_dir = Path(upload_dir).resolve()
@@ -195,12 +195,7 @@ class UploadPredictor:
     def model(self) -> LogMelModel:
         with self._load_lock:
             if self._model is None:
-                if self.checkpoint is None or not Path(self.checkpoint).is_file():
-                    raise DataError(
-                        f"no model checkpoint at {self.checkpoint}: train the model (`sonicrec train`) "
-                        "to place uploaded audio"
-                    )
-                from sonicrec.predict import Predictor
+                from sonicrec.predict import Predictor  # a missing checkpoint is a clear DataError there
 
                 self._model = Predictor.load(self.checkpoint)
             return self._model

@@ -440,7 +440,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint (tensors and plain values only: ``weights_only``)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"no checkpoint at {path}: train the model first (sonicrec train)")
+        raise DataError(f"no model checkpoint at {path}: train the model first (`sonicrec train`)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: torch raises many kinds
