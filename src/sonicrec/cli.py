@@ -256,6 +256,64 @@ def _run_factorize(args: argparse.Namespace) -> None:
         print(f"  {name:<11}{m['precision']:>9.4f}{m['map']:>9.4f}{m['ndcg']:>9.4f}{m['auc']:>9.4f}")
 
 
+# --- factors import -----------------------------------------------------------------------------
+
+
+def _add_factors(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "factors",
+        help="bring your own CF factors: import song (and user) factors another pipeline fitted",
+        description="Work on a run's collaborative-filtering factors.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = actions.add_parser(
+        "import",
+        help="song (and user) factors from .npy + id list, .npz, Parquet/CSV, implicit or Spark ALS",
+        description=(
+            "Check and write imported factors as RUN/cf/factors.npz, with a cold-start split from "
+            "--split or drawn (seeded by cf.seed) among the imported songs that have features. "
+            "Formats: .npy (rows named by --song-ids/--user-ids), .npz (implicit's model.save(), "
+            "rows named by the id lists; or one id array and one matrix), Parquet (a file, or the "
+            "folder Spark writes for ALS itemFactors/userFactors: id, features) or CSV (an id "
+            "column and a list column or one column per dimension). Integer ids of a table are "
+            "positions in the id list when one is given. Sets model.n_factors in RUN/config.toml."
+        ),
+    )
+    q.add_argument("run_dir", type=Path, metavar="RUN", help="run directory (usually already ingested)")
+    q.add_argument("--songs", type=Path, required=True, metavar="FILE", help="song (item) factors")
+    q.add_argument("--users", type=Path, metavar="FILE", help="user factors (needed to rank users)")
+    q.add_argument("--song-ids", type=Path, metavar="FILE", help="song ids, one per line, in row order")
+    q.add_argument("--user-ids", type=Path, metavar="FILE", help="user ids, one per line, in row order")
+    q.add_argument("--id-col", help="id column of Parquet/CSV tables (default: id, track_id, ...)")
+    q.add_argument("--split", type=Path, metavar="FILE",
+                   help="CSV track_id,split (train/valid/test; songs not listed are train)")
+    q.set_defaults(func=_run_factors_import)
+
+
+def _run_factors_import(args: argparse.Namespace) -> None:
+    from sonicrec.errors import DataError
+    from sonicrec.factor_import import import_factors_run, read_factor_table, read_id_list
+    from sonicrec.rundir import RunDir
+
+    def table(path, ids_path, kind):
+        ids = read_id_list(ids_path) if ids_path is not None else None
+        return read_factor_table(path, kind=kind, ids=ids, id_col=args.id_col)
+
+    if args.user_ids is not None and args.users is None:
+        raise DataError("--user-ids names the rows of --users FILE: give that file too")
+    songs = table(args.songs, args.song_ids, "songs")
+    users = table(args.users, args.user_ids, "users") if args.users is not None else None
+    report = import_factors_run(args.run_dir, songs, users=users, split_path=args.split)
+    sizes = ", ".join(f"{s} {n}" for s, n in report.split_counts.items())
+    print(f"imported {report.n_songs} songs ({sizes}) and {report.n_users} users, {report.n_factors} factors")
+    if report.n_with_features is not None:
+        lacking = report.n_songs - report.n_with_features
+        shown = f" (e.g. {', '.join(report.without_features)})" if lacking else ""
+        print(f"{report.n_with_features} songs have features, {lacking} do not{shown}; "
+              f"{report.n_features_without_factors} stored songs have no imported factors")
+    print(f"written: {RunDir(args.run_dir).factors}, import.json")
+
+
 # --- recommend / audience / similar -----------------------------------------------------------
 
 
@@ -423,7 +481,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         show_progress=args.progress,
     )
     print(results_markdown(results, description=results.get("description")))
-    print(f"written: {run.evaluation / 'results.json'}, results.md, results.png")
+    chart = "" if "not_computed" in results else ", results.png"
+    print(f"written: {run.evaluation / 'results.json'}, results.md{chart}")
 
 
 # --- train / predict ----------------------------------------------------------------------------
@@ -669,8 +728,8 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 _COMMANDS = [
-    _add_demo, _add_ingest, _add_factorize, _add_recommend, _add_audience, _add_similar, _add_baselines,
-    _add_evaluate, _add_train, _add_predict, _add_analyse, _add_serve,
+    _add_demo, _add_ingest, _add_factorize, _add_factors, _add_recommend, _add_audience, _add_similar,
+    _add_baselines, _add_evaluate, _add_train, _add_predict, _add_analyse, _add_serve,
 ]
 
 

@@ -393,6 +393,40 @@ def evaluate_models(
     }
 
 
+def evaluate_regression(
+    factors: Factors, predictions: Mapping[str, tuple[np.ndarray, np.ndarray]], *, split: str = "test"
+) -> dict:
+    """How close each model's predicted factors are to the split's true factors; no users needed.
+
+    The fallback of :func:`evaluate_run` for factors imported without user factors, or a run
+    without plays: ranking users needs both. Per model, over the split's songs it predicted: the
+    mean cosine between predicted and true factors and the mean squared error of the unit-norm
+    factors (the CNN's MSE target), against a mean-direction baseline (every song predicted as the
+    mean unit factor of the train songs).
+    """
+    split_songs = factors.songs(split)
+    if len(split_songs) == 0:
+        raise DataError(f"the factors have no {split!r} songs: import or draw a split with {split} songs")
+    truth = factors.song_factors_unit
+    mean = unit_rows(truth[factors.split == "train"].mean(axis=0, keepdims=True))[0]
+    candidates = {"mean-direction": (split_songs, np.broadcast_to(mean, (len(split_songs), len(mean))))}
+    candidates.update(predictions)
+    rows = []
+    for name in _ordered(candidates):
+        song_ids, pred = candidates[name]
+        keep = np.isin(song_ids, split_songs)
+        target = truth[factors.song_index(np.asarray(song_ids)[keep])]
+        pred = unit_rows(np.asarray(pred, dtype=np.float32)[keep])
+        rows.append({
+            "model": name, "n_songs": int(keep.sum()),
+            "cosine": _mean(np.sum(pred * target, axis=1)),
+            "mse": _mean(np.mean((pred - target) ** 2, axis=1)),
+            "note": MODEL_NOTES.get(name, "every song predicted as the train songs' mean unit factor"
+                                    if name == "mean-direction" else ""),
+        })
+    return {"kind": "regression", "split": split, "n_songs": int(len(split_songs)), "models": rows}
+
+
 def _ordered(names) -> list[str]:
     known = [n for n in MODEL_ORDER if n in names]
     others = sorted(n for n in names if n not in MODEL_ORDER and n not in UPPER_BOUNDS)
@@ -404,10 +438,12 @@ def _ordered(names) -> list[str]:
 
 def results_markdown(results: dict, *, description: str | None = None) -> str:
     """The results as a Markdown table shaped like the paper's, preceded by what data was used."""
-    d, k, cut = results["data"], results["k"], results["ap_cutoff"]
     lines = [f"# Cold-start evaluation ({results['split']} songs)", ""]
     if description:
         lines += [description, ""]
+    if results.get("kind") == "regression":
+        return "\n".join(lines + _regression_lines(results))
+    d, k, cut = results["data"], results["k"], results["ap_cutoff"]
     lines += [
         f"{d['n_users']:,} users x {d['n_songs']:,} held-out songs; {d['n_user_song_pairs']:,} "
         f"(user, song) pairs played, {d['n_plays']:,} plays. Users without a play of these songs "
@@ -433,6 +469,18 @@ def results_markdown(results: dict, *, description: str | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _regression_lines(results: dict) -> list[str]:
+    lines = [
+        f"**Not computed: {results['not_computed']}**", "",
+        f"Factor regression on {results['n_songs']:,} {results['split']} songs:", "",
+        "| model | songs | mean cosine to the true factors | MSE of unit factors |", "|---|---:|---:|---:|",
+    ]
+    rows = results["models"]
+    lines += [f"| {r['model']} | {r['n_songs']:,} | {r['cosine']:.5f} | {r['mse']:.5f} |" for r in rows]
+    lines += ["", "Models:", ""] + [f"- **{r['model']}**: {r['note']}" for r in rows if r["note"]]
+    return lines + [""]
 
 
 def plot_results(results: dict, path: Path) -> None:
@@ -476,7 +524,9 @@ def evaluate_run(
 ) -> dict:
     """Evaluate every model of a run; write RUN/evaluation/results.json, results.md and results.png.
 
-    Reads RUN/cf/factors.npz, RUN/plays.parquet and every RUN/predictions/*.npz.
+    Reads RUN/cf/factors.npz, RUN/plays.parquet and every RUN/predictions/*.npz. Without user
+    factors (imported song factors only) or without plays, only the factor regression is evaluated
+    (:func:`evaluate_regression`; no chart), and ``results["not_computed"]`` says what is missing.
     ``description`` is written above the table; by default, plays marked simulated (the Parquet
     key-value metadata ``simulated=true`` of the demo world) are said to be simulated.
     """
@@ -484,9 +534,6 @@ def evaluate_run(
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     factors = Factors.load(run.factors)
-    plays = read_plays(run.plays, fmt="parquet", show_progress=show_progress)
-    if description is None and _marked_simulated(run.plays):
-        description = "Listeners and their plays are SIMULATED (demo world); the music is real."
     predictions = {
         path.stem: load_predictions(path, factors.n_factors)
         for path in sorted(run.predictions.glob("*.npz"))
@@ -494,15 +541,28 @@ def evaluate_run(
     if not predictions:
         log.warning("no predictions in %s: only the baselines and the upper bound are evaluated",
                     run.predictions)
-    results = evaluate_models(
-        factors, plays, predictions, split=split, k=k, seed=seed, show_progress=show_progress
-    )
+    needed = (("user factors", factors.has_users), (f"play counts ({run.plays.name})", run.plays.is_file()))
+    missing = [what for what, present in needed if not present]
+    if missing:
+        results = evaluate_regression(factors, predictions, split=split)
+        results["not_computed"] = (
+            f"mAP@{AP_CUTOFF}, AUC, NDCG and recall need {' and '.join(missing)}, which this run lacks"
+        )
+        log.warning("%s: %s", run.root, results["not_computed"])
+    else:
+        plays = read_plays(run.plays, fmt="parquet", show_progress=show_progress)
+        if description is None and _marked_simulated(run.plays):
+            description = "Listeners and their plays are SIMULATED (demo world); the music is real."
+        results = evaluate_models(
+            factors, plays, predictions, split=split, k=k, seed=seed, show_progress=show_progress
+        )
     if description:
         results["description"] = description
     out = run.evaluation
     atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(results, description=description))
-    plot_results(results, out / "results.png")
+    if not missing:
+        plot_results(results, out / "results.png")
     return results
 
 

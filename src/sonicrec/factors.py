@@ -25,7 +25,8 @@ class Factors:
 
     Attributes
     ----------
-    user_ids : (U,) str
+    user_ids : (U,) str — U may be 0: song factors imported without users (similar songs and
+        the regression work, ranking users does not)
     song_ids : (S,) str
     user_factors : (U, k) float32
     song_factors : (S, k) float32 — raw; popularity lives in the norm
@@ -43,6 +44,8 @@ class Factors:
         self.song_ids = np.asarray(self.song_ids).astype(str)
         self.user_factors = np.asarray(self.user_factors, dtype=np.float32)
         self.song_factors = np.asarray(self.song_factors, dtype=np.float32)
+        if self.user_factors.size == 0 and self.song_factors.ndim == 2:
+            self.user_factors = self.user_factors.reshape(0, self.song_factors.shape[1])
         self.split = np.asarray(self.split).astype(str)
         n_users, n_songs = len(self.user_ids), len(self.song_ids)
         if self.user_factors.shape[0] != n_users or self.song_factors.shape[0] != n_songs:
@@ -57,6 +60,11 @@ class Factors:
     @property
     def n_factors(self) -> int:
         return self.song_factors.shape[1]
+
+    @property
+    def has_users(self) -> bool:
+        """Whether there are user factors (imported song factors may come without them)."""
+        return len(self.user_ids) > 0
 
     @property
     def song_factors_unit(self) -> np.ndarray:

@@ -175,7 +175,8 @@ class Recommender:
             factors,
             predicted_ids,
             predicted,
-            read_plays(run.plays, fmt="parquet", show_progress=show_progress),
+            read_plays(run.plays, fmt="parquet", show_progress=show_progress) if run.plays.is_file()
+            else pd.DataFrame({"user_id": [], "track_id": []}),  # imported factors need no plays
             catalog=run.catalog if run.catalog.exists() else None,
             predictor=predictor,
             checkpoint=run.model / model / "checkpoint.pt",
@@ -228,6 +229,9 @@ class Recommender:
         ``exclude_played`` leaves out the users who already played it (a train song).
         Returns a Ranking of user ids, scores ``x_u . y / |y|``.
         """
+        if not self.factors.has_users:
+            raise DataError("this run has song factors but no user factors (imported without --users): "
+                            "it cannot rank users")
         y, track = self._song_vector(song)
         listeners = ()
         if exclude_played and track in self._warm_row:

@@ -740,6 +740,9 @@ def train_run(
         train_objective = MSEObjective(unit[factors.song_index(train_ids)])
         valid_objective = MSEObjective(unit[factors.song_index(valid_ids)])
     else:
+        if not factors.has_users:
+            raise DataError(f"{run.factors} has no user factors (song factors imported alone): "
+                            "train.loss = 'wpe' needs them; use 'mse'")
         plays = _read_plays(run.plays)
         train_ids, train_objective = WPEObjective.from_plays(plays, factors, train_ids, cfg.cf)
         valid_ids, valid_objective = WPEObjective.from_plays(
