@@ -113,6 +113,8 @@ def test_user_and_song_dimensions_must_agree(tmp_path):
     users = read_factor_table(_npz(tmp_path / "u.npz", np.array(["u"]), np.ones((1, 4))))
     with pytest.raises(DataError, match=r"s.npz has 3 factors per song but .*u.npz has 4"):
         import_factors_run(tmp_path / "run", songs, users=users)
+    with pytest.raises(DataError, match="names the rows of a user factor file"):
+        import_factors_run(tmp_path / "run", songs, user_ids=tmp_path / "users.txt")
 
 
 def _npz(path, ids, vectors):

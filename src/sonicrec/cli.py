@@ -291,19 +291,13 @@ def _add_factors(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_factors_import(args: argparse.Namespace) -> None:
-    from sonicrec.errors import DataError
-    from sonicrec.factor_import import import_factors_run, read_factor_table, read_id_list
+    from sonicrec.factor_import import import_factors_run
     from sonicrec.rundir import RunDir
 
-    def table(path, ids_path, kind):
-        ids = read_id_list(ids_path) if ids_path is not None else None
-        return read_factor_table(path, kind=kind, ids=ids, id_col=args.id_col)
-
-    if args.user_ids is not None and args.users is None:
-        raise DataError("--user-ids names the rows of --users FILE: give that file too")
-    songs = table(args.songs, args.song_ids, "songs")
-    users = table(args.users, args.user_ids, "users") if args.users is not None else None
-    report = import_factors_run(args.run_dir, songs, users=users, split_path=args.split)
+    report = import_factors_run(
+        args.run_dir, args.songs, users=args.users, song_ids=args.song_ids, user_ids=args.user_ids,
+        id_col=args.id_col, split_path=args.split,
+    )
     sizes = ", ".join(f"{s} {n}" for s, n in report.split_counts.items())
     print(f"imported {report.n_songs} songs ({sizes}) and {report.n_users} users, {report.n_factors} factors")
     if report.n_with_features is not None:

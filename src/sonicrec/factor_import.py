@@ -293,18 +293,32 @@ class ImportReport:
 
 def import_factors_run(
     run: RunDir | str | Path,
-    songs: FactorTable,
+    songs: str | Path | FactorTable,
     *,
-    users: FactorTable | None = None,
+    users: str | Path | FactorTable | None = None,
+    song_ids: str | Path | None = None,
+    user_ids: str | Path | None = None,
+    id_col: str | None = None,
     split_path: str | Path | None = None,
 ) -> ImportReport:
     """Write imported factors as RUN/cf/factors.npz (and RUN/cf/import.json, the report).
+
+    Parameters
+    ----------
+    songs, users : factor files (module docstring) or tables already read
+    song_ids, user_ids : id lists naming the rows / integer ids of ``songs`` and ``users``
+    id_col : the id column of Parquet/CSV tables
+    split_path : a ``track_id,split`` CSV; None draws the split (module docstring)
 
     The run's config gets ``model.n_factors`` and ``cf.factors`` = the imported dimension, so
     ``train`` builds a network of the right width. Songs are matched against RUN/features.
     """
     from sonicrec.features import FeatureStore
 
+    if user_ids is not None and users is None:
+        raise DataError(f"the user id list {user_ids} names the rows of a user factor file: give that too")
+    songs = _as_table(songs, "songs", song_ids, id_col)
+    users = None if users is None else _as_table(users, "users", user_ids, id_col)
     run = RunDir.prepare(run.root if isinstance(run, RunDir) else run)
     if users is not None and users.n_factors != songs.n_factors:
         raise DataError(f"{songs.source} has {songs.n_factors} factors per song but {users.source} has "
@@ -340,6 +354,13 @@ def import_factors_run(
     cfg.save(run.config)
     atomic_write_text(run.factors.with_name("import.json"), report.to_json())
     return report
+
+
+def _as_table(source, kind: str, ids_path, id_col) -> FactorTable:
+    if isinstance(source, FactorTable):
+        return source
+    ids = None if ids_path is None else read_id_list(ids_path)
+    return read_factor_table(source, kind=kind, ids=ids, id_col=id_col)
 
 
 def _log_matches(report: ImportReport, run: RunDir) -> None:
