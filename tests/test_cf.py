@@ -189,6 +189,93 @@ def test_cli_factorize_plays_file(tmp_path, capsys):
     assert main(["factorize", str(tmp_path / "missing-run"), "--no-eval"]) == 2
 
 
+def _write_plays(path: Path, counts: sparse.csr_matrix) -> Path:
+    coo = counts.tocoo()
+    path.write_text("".join(f"u{u}\ts{s}\t{c}\n" for u, s, c in zip(coo.row, coo.col, coo.data, strict=True)))
+    return path
+
+
+def test_heldout_k_beyond_the_number_of_songs_is_capped(capsys, tmp_path):
+    counts = _low_rank_plays(n_users=60, n_songs=40)
+    results = evaluate_heldout(counts, CFG, k=10**6, show_progress=False)
+    capped = evaluate_heldout(counts, CFG, k=40, show_progress=False)
+    assert results == capped and results["wmf"]["k"] == 40
+    assert all(0 <= m[name] <= 1 for m in results.values() for name in ("precision", "map", "ndcg", "auc"))
+    plays = _write_plays(tmp_path / "plays.tsv", counts)
+    argv = ["--no-progress", "factorize", "--plays", str(plays), "--out", str(tmp_path / "run"),
+            "--factors", "4", "--iterations", "3", "--eval-k", "1000000"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "--eval-k 1000000 is more than the 40 songs: metrics at k = 40" in printed and "P@40" in printed
+
+
+@pytest.mark.parametrize("text", ["u1\ts1\t3\n", "".join(f"u{i}\ts1\t{i % 3 + 1}\n" for i in range(50))])
+def test_one_row_or_one_song_plays_give_a_clear_error_not_a_zero_division(tmp_path, capsys, text):
+    plays = tmp_path / "plays.tsv"
+    plays.write_text(text)
+    matrix = PlayMatrix(*_as_matrix(plays))
+    with pytest.raises(DataError, match="held-out"):
+        evaluate_heldout(matrix, CFG, k=10, show_progress=False)
+    argv = ["--no-progress", "factorize", "--plays", str(plays), "--out", str(tmp_path / "run"),
+            "--iterations", "2"]
+    assert main(argv) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def _as_matrix(path: Path):
+    from sonicrec.interactions import read_play_matrix
+
+    m = read_play_matrix(path, "triplets", show_progress=False)
+    return m.counts, m.user_ids, m.song_ids
+
+
+def test_users_who_played_every_song_are_left_out_of_the_auc():
+    from sonicrec.cf import heldout_ranking_metrics
+
+    fit = sparse.csr_matrix(np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]]))
+    held = sparse.csr_matrix(np.array([[0, 1, 1], [1, 0, 0], [0, 0, 1]]))  # user 0 played all 3 songs
+    ones = np.ones((3, 2), np.float32)
+    got = heldout_ranking_metrics(ones, ones, fit, held, k=2)
+    kept = heldout_ranking_metrics(ones[1:], ones, fit[1:], held[1:], k=2)
+    assert got == kept
+
+
+def test_negative_regularisation_is_a_config_error(tmp_path, capsys):
+    from sonicrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cf.regularization=-1"):
+        CFConfig(regularization=-1.0)
+    plays = _write_plays(tmp_path / "plays.tsv", _low_rank_plays(n_users=20, n_songs=10))
+    assert main(["factorize", "--plays", str(plays), "--out", str(tmp_path / "run"), "--reg", "-1"]) == 2
+    assert "cf.regularization=-1.0: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "cf").exists()
+
+
+def test_factorize_plays_refuses_a_run_that_has_plays_unless_forced(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = _write_plays(tmp_path / "a.tsv", _low_rank_plays(n_users=30, n_songs=20, seed=1))
+    second = _write_plays(tmp_path / "b.tsv", _low_rank_plays(n_users=40, n_songs=25, seed=2))
+    base = ["--no-progress", "factorize", "--out", str(out), "--factors", "4", "--iterations", "2",
+            "--no-eval"]
+    assert main(base + ["--plays", str(first)]) == 0
+    before = (out / "plays.parquet").read_bytes(), (out / "cf" / "factors.npz").read_bytes()
+    assert main(base + ["--plays", str(second)]) == 2
+    assert "already holds play counts" in capsys.readouterr().err
+    assert ((out / "plays.parquet").read_bytes(), (out / "cf" / "factors.npz").read_bytes()) == before
+    assert main(base + ["--plays", str(second), "--force"]) == 0
+    assert (out / "plays.parquet").read_bytes() != before[0]
+    assert len(Factors.load(RunDir(out).factors).song_ids) == 25
+
+
+def test_song_queries_on_a_file_instead_of_a_run_are_clear_errors(tmp_path, capsys):
+    not_a_run = tmp_path / "plays.tsv"
+    not_a_run.write_text("u\ts\t1\n")
+    for command in (["similar", str(not_a_run), "x"], ["audience", str(not_a_run), "x"],
+                    ["recommend", str(not_a_run), "--user", "u"]):
+        assert main(command) == 2
+        assert "no factors at" in capsys.readouterr().err
+
+
 def _have_spark() -> bool:
     try:
         import pyspark  # noqa: F401

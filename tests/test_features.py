@@ -204,3 +204,25 @@ def test_cli_ingest_and_report(tmp_path, capsys):
     assert report.startswith("broken.mp3\t") and "2 ok, 1 failed" in report
     assert FeatureStore(run / "features").n_frames == SHORT.n_frames
     assert main(["ingest", str(lib), "--out", str(tmp_path)]) == 2  # not a run directory
+
+
+def test_manifest_errors_name_the_real_line_and_the_real_problem(tmp_path):
+    blank_lines = tmp_path / "m.csv"
+    blank_lines.write_text("track_id,path\na,a.wav\n\n\n,b.wav\n\nc,c.wav\n")
+    with pytest.raises(DataError, match=r"m\.csv, line 5: track_id and path"):
+        read_manifest(blank_lines)
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("track_id,path,title\n")
+    with pytest.raises(DataError, match="lists no tracks"):
+        read_manifest(header_only)
+    no_newline = tmp_path / "n.csv"
+    no_newline.write_text("track_id,path")
+    with pytest.raises(DataError, match="lists no tracks"):
+        read_manifest(no_newline)
+    mac = tmp_path / "mac.csv"
+    mac.write_bytes(b"track_id,path\rx,x.wav\ry,y.wav\r")
+    assert [t.track_id for t in read_manifest(mac)] == ["x", "y"]
+    wrong = tmp_path / "w.csv"
+    wrong.write_text("id,file\nx,x.wav\n")
+    with pytest.raises(DataError, match=r"needs a header line .* has \['id', 'file'\]"):
+        read_manifest(wrong)

@@ -155,3 +155,83 @@ def test_real_lastfm_hetrec_crlf_tsv():
                          track_col="artistID", count_col="weight", show_progress=False)
     assert (m.n_users, m.n_songs, m.n_pairs, m.report.n_malformed) == (1892, 17632, 92834, 0)
     assert round(m.counts.sum() / 1e6, 1) == 69.2
+
+
+# --- hardening (issue 15) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", ["1e30", "99999999999999999999", "9223372036854775807", "1000000001"])
+def test_a_count_beyond_the_bound_is_an_error_naming_its_line(tmp_path, count):
+    path = _write(tmp_path / "t.txt", f"u1\ts1\t2\nu1\ts2\t{count}\nu2\ts1\t3\n")
+    for on_bad in ("skip", "error"):
+        with pytest.raises(DataError, match=r"t\.txt: count\(s\) above 1,000,000,000 .*line 2"):
+            read_play_matrix(path, "triplets", on_bad=on_bad, show_progress=False)
+    ok = _write(tmp_path / "ok.txt", f"u1\ts1\t{interactions.MAX_COUNT}\n")
+    assert _count(read_play_matrix(ok, "triplets", show_progress=False), "u1", "s1") == interactions.MAX_COUNT
+
+
+def test_counts_whose_sum_overflows_are_an_error_naming_the_pair(tmp_path):
+    half = interactions.MAX_COUNT // 2 + 1
+    path = _write(tmp_path / "t.txt", f"u1\ts1\t1\nu2\ts1\t{half}\nu2\ts1\t{half}\n")
+    with pytest.raises(DataError, match=r"user 'u2', song 's1' sum to 1,000,000,002"):
+        read_play_matrix(path, "triplets", show_progress=False)
+    frame = pd.DataFrame({"user_id": ["u", "u"], "track_id": ["s", "s"], "count": [half, half]})
+    with pytest.raises(DataError, match="sum to"):
+        PlayMatrix.from_frame(frame)
+
+
+def test_a_uint64_parquet_count_above_int64_is_an_error_not_a_negative_count(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    counts = pa.array([2**63 + 5, 3], pa.uint64())
+    pq.write_table(pa.table({"user_id": ["a", "b"], "track_id": ["x", "y"], "count": counts}), path)
+    with pytest.raises(DataError, match=r"row 1: .*9223372036854775813"):
+        read_play_matrix(path, "parquet", show_progress=False)
+
+
+def test_invalid_utf8_ids_are_malformed_rows_with_their_line(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"u1\ts1\t2\nu\xff2\ts1\t3\nu3\ts\xc3\t1\nu4\ts2\t5\n")
+    m = read_play_matrix(path, "triplets", show_progress=False)
+    assert list(m.user_ids) == ["u1", "u4"] and m.report.n_malformed == 2 and m.report.n_rows == 4
+    assert [e.split(":")[0] for e in m.report.examples] == ["line 2", "line 3"]
+    assert "not valid UTF-8" in m.report.examples[0]
+    with pytest.raises(DataError, match=r"line 2: not valid UTF-8"):
+        read_play_matrix(path, "triplets", on_bad="error", show_progress=False)
+
+
+def test_a_truncated_gzip_file_is_a_clear_error(tmp_path):
+    rng = np.random.default_rng(0)
+    text = "".join(f"u{rng.integers(10**9)}\ts{rng.integers(10**9)}\t3\n" for _ in range(5000))
+    data = gzip.compress(text.encode())
+    path = tmp_path / "t.txt.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"t\.txt\.gz: cannot read the file \(.*\): truncated or corrupt"):
+        read_play_matrix(path, "triplets", show_progress=False)
+
+
+def test_parquet_read_as_text_and_list_columns_are_clear_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"user_id": ["a"], "track_id": ["x"], "count": [1]}), path)
+    with pytest.raises(DataError, match=r"is a Parquet file, not 'triplets' text: read it with format 'parq"):
+        read_play_matrix(path, "triplets", show_progress=False)
+    lists = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"user_id": [["a"], ["b"]], "track_id": ["x", "y"], "count": [1, 2]}), lists)
+    with pytest.raises(DataError, match=r"column 'user_id' holds list<.*> values"):
+        read_play_matrix(lists, "parquet", show_progress=False)
+
+
+def test_csv_header_without_newline_and_cr_only_lines(tmp_path):
+    one_row = _write(tmp_path / "a.csv", "user_id,track_id,count\nu,s,4")  # no final newline
+    assert _count(read_play_matrix(one_row, "csv", show_progress=False), "u", "s") == 4
+    header = _write(tmp_path / "h.csv", "user_id,track_id,count")
+    with pytest.raises(DataError, match="no valid play counts"):
+        read_play_matrix(header, "csv", show_progress=False)
+    mac = _write(tmp_path / "m.csv", "user_id,track_id,count\ru,s,1\r")
+    with pytest.raises(DataError, match="carriage return alone"):
+        read_play_matrix(mac, "csv", show_progress=False)

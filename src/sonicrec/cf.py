@@ -233,6 +233,9 @@ def heldout_ranking_metrics(
 
     Songs a user played in ``fit_counts`` are not ranked; relevant songs are those in
     ``heldout_counts``. implicit's precision@k divides by min(k, number of relevant songs).
+    ``k`` is capped at the number of songs (implicit reports impossible values beyond it); the
+    returned dict holds the ``k`` used. Users who played every song (fit or held out) have no
+    song to rank their held-out songs above, so no AUC: they are left out.
     """
     from implicit.cpu.matrix_factorization_base import MatrixFactorizationBase
     from implicit.evaluation import ranking_metrics_at_k
@@ -244,12 +247,24 @@ def heldout_ranking_metrics(
         def save(self, *args, **kwargs):
             raise NotImplementedError
 
+    n_songs = song_factors.shape[0]
+    if k > n_songs:
+        log.info("held-out metrics at k=%d: there are only %d songs, so k=%d", k, n_songs, n_songs)
+        k = n_songs
+    fit_counts, heldout_counts = sparse.csr_matrix(fit_counts), sparse.csr_matrix(heldout_counts)
+    played_all = (fit_counts + heldout_counts).getnnz(axis=1) >= n_songs
+    heldout_counts = (sparse.diags((~played_all).astype(np.float32)) @ heldout_counts).tocsr()
+    heldout_counts.eliminate_zeros()
+    if heldout_counts.nnz == 0:
+        raise DataError(
+            "no held-out plays to rank: too few (user, song) pairs, or every user with held-out "
+            f"plays played all {n_songs} songs"
+        )
     model = _Scores()
     model.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
     model.item_factors = np.ascontiguousarray(song_factors, dtype=np.float32)
-    fit_counts, heldout_counts = sparse.csr_matrix(fit_counts), sparse.csr_matrix(heldout_counts)
     metrics = ranking_metrics_at_k(model, fit_counts, heldout_counts, K=k, show_progress=show_progress)
-    return {name: float(value) for name, value in metrics.items()}
+    return {name: float(value) for name, value in metrics.items()} | {"k": k}
 
 
 def popularity_metrics(
@@ -274,10 +289,15 @@ def evaluate_heldout(
     Returns
     -------
     {"wmf": metrics, "popularity": metrics}, metrics as in :func:`heldout_ranking_metrics`
-    (seeded by ``cfg.seed``).
+    (seeded by ``cfg.seed``; ``metrics["k"]`` is ``k`` capped at the number of songs).
     """
     counts = plays.counts if isinstance(plays, PlayMatrix) else sparse.csr_matrix(plays)
     fit, held = heldout_split(counts, fraction=fraction, seed=cfg.seed)
+    if held.nnz == 0 or fit.nnz == 0:
+        raise DataError(
+            f"too few plays for a held-out evaluation: {counts.nnz} (user, song) pair(s) leave "
+            f"{fit.nnz} to fit and {held.nnz} to hold out at fraction {fraction}"
+        )
     user_factors, song_factors = fit_wmf(fit, cfg, show_progress=show_progress)
     return {
         "wmf": heldout_ranking_metrics(user_factors, song_factors, fit, held, k=k),

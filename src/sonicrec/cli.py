@@ -185,6 +185,10 @@ def _add_factorize(sub: argparse._SubParsersAction) -> None:
         "--format", default="triplets", help="--plays format: triplets, lastfm1k, lastfm360k, csv, parquet"
     )
     p.add_argument("--out", type=Path, metavar="DIR", help="run directory to create for --plays")
+    p.add_argument(
+        "--force", action="store_true",
+        help="--plays into a run that already has play counts: replace them (its models become stale)",
+    )
     p.add_argument("--user-col", default="user_id", help="csv/parquet: user column (default user_id)")
     p.add_argument("--track-col", default="track_id", help="csv/parquet: item column (default track_id)")
     p.add_argument(
@@ -212,7 +216,7 @@ def _run_factorize(args: argparse.Namespace) -> None:
     import dataclasses
 
     from sonicrec.cf import evaluate_heldout, factorize_run
-    from sonicrec.errors import ConfigError
+    from sonicrec.errors import ConfigError, OutputDirError
     from sonicrec.interactions import read_play_matrix
     from sonicrec.io import atomic_path
     from sonicrec.rundir import RunDir
@@ -222,6 +226,14 @@ def _run_factorize(args: argparse.Namespace) -> None:
     if args.plays is not None and args.out is None:
         raise ConfigError("--plays needs --out DIR: the run directory to write")
     run = RunDir.prepare(args.out) if args.plays is not None else RunDir(args.run_dir)
+    if args.plays is not None and run.plays.is_file():
+        if not args.force:
+            raise OutputDirError(
+                f"{run.root} already holds play counts ({run.plays.name}) and what was made from them: "
+                "factorize it with `sonicrec factorize RUN`, choose another --out, or replace them "
+                "with --force"
+            )
+        log.warning("replacing the play counts of %s: its models and predictions no longer match", run.root)
     cfg = run.read_config()
     overrides = {
         "engine": args.engine, "spark_master": args.spark_master, "factors": args.factors,
@@ -248,8 +260,12 @@ def _run_factorize(args: argparse.Namespace) -> None:
           f"{factors.n_factors} factors, engine {cf.engine}")
     if args.no_eval:
         return
-    k = args.eval_k
-    results = evaluate_heldout(plays, cf, k=k, fraction=args.eval_fraction, show_progress=args.progress)
+    results = evaluate_heldout(
+        plays, cf, k=args.eval_k, fraction=args.eval_fraction, show_progress=args.progress
+    )
+    k = results["wmf"]["k"]
+    if k < args.eval_k:
+        print(f"--eval-k {args.eval_k} is more than the {k} songs: metrics at k = {k}")
     print(f"held-out plays ({args.eval_fraction:.0%} of user-song pairs, WMF refitted without them):")
     print(f"  {'':<11}{'P@' + str(k):>9}{'mAP@' + str(k):>9}{'NDCG@' + str(k):>9}{'AUC@' + str(k):>9}")
     for name, m in results.items():

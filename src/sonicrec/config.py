@@ -75,6 +75,7 @@ class CFConfig:
         _check(self.engine in ("implicit", "spark"), f"cf.engine={self.engine!r}: implicit|spark")
         _check(self.factors > 0 and self.iterations > 0, "cf.factors and cf.iterations must be > 0")
         _check(self.alpha > 0 and self.epsilon > 0, "cf.alpha and cf.epsilon must be > 0")
+        _check(self.regularization >= 0, f"cf.regularization={self.regularization}: must be >= 0")
         _check(
             0 <= self.valid_fraction and 0 <= self.test_fraction
             and self.valid_fraction + self.test_fraction < 1,

@@ -97,7 +97,7 @@ class Factors:
     def load(cls, path: str | Path) -> Factors:
         try:
             data = load_npz(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise DataError(f"no factors at {path}: run `sonicrec factorize` first") from None
         return cls(
             user_ids=data["user_ids"],

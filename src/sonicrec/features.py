@@ -440,13 +440,20 @@ def read_manifest(path: str | Path) -> list[Track]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh, delimiter=delimiter))
+            reader = csv.DictReader(fh, delimiter=delimiter)
+            rows = [(reader.line_num, row) for row in reader]  # line_num: the row's last line
+            columns = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read manifest ({exc})") from exc
-    if not rows or not {"track_id", "path"} <= set(rows[0]):
-        raise DataError(f"{path}: a manifest needs a header line with columns track_id,path[,title,artist]")
+    if not {"track_id", "path"} <= set(columns):
+        raise DataError(
+            f"{path}: a manifest needs a header line with columns track_id,path[,title,artist]; "
+            f"its first line has {columns}"
+        )
+    if not rows:
+        raise DataError(f"{path}: the manifest lists no tracks (a header line only)")
     tracks = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         track_id, file = (row.get("track_id") or "").strip(), (row.get("path") or "").strip()
         if not track_id or not file:
             raise DataError(f"{path}, line {line}: track_id and path must both be given")

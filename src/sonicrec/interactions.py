@@ -15,9 +15,12 @@ Formats (``fmt``):
 Text files are read in blocks of whole lines, each parsed by pyarrow's CSV reader into Arrow
 arrays (gzip/bz2 files are decompressed on the fly), so a 48M-row file never becomes 48M Python
 objects. Ids are mapped to integers block by block; duplicate (user, item) rows are summed.
-Malformed rows (wrong number of fields, empty ids, a count that is not a positive integer) are
-counted and reported with their line numbers, then skipped (``on_bad="skip"``) or fatal
-(``on_bad="error"``).
+Malformed rows (wrong number of fields, an id that is not valid UTF-8, empty ids, a count that is
+not a positive integer) are counted and reported with their line numbers, then skipped
+(``on_bad="skip"``) or fatal (``on_bad="error"``). A count above :data:`MAX_COUNT` (or pairs whose
+summed count is) is always an error naming the line (the pair): such a number is no listening
+history but a wrong column or corrupt data, and clipping it would silently weigh it as the most
+confident play of the file.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("triplets", "lastfm1k", "lastfm360k", "csv", "parquet")
 BLOCK_BYTES = 32 << 20  # text read per parse: whole lines, about 32 MB
 MAX_REPORTED = 5  # malformed rows quoted in a report or an error
+MAX_COUNT = 10**9  # plays of one song by one user: 10^9 three-minute plays is 5,700 years
+_PARQUET_MAGIC = b"PAR1"
 
 # Headerless formats: their columns, the user column, how the item is built, the count column.
 _LAYOUTS = {
@@ -114,13 +119,17 @@ class PlayMatrix:
         if missing:
             raise DataError(f"plays table lacks column(s) {sorted(missing)}: need user_id, track_id, count")
         counts = plays["count"].to_numpy()
-        if len(counts) and (not np.issubdtype(counts.dtype, np.integer) or counts.min() <= 0):
-            raise DataError("plays table: count must be a positive integer in every row")
+        if len(counts) and (
+            not np.issubdtype(counts.dtype, np.integer) or counts.min() <= 0 or counts.max() > MAX_COUNT
+        ):
+            raise DataError(f"plays table: count must be an integer from 1 to {MAX_COUNT:,} in every row")
         users = _IdCodes()
         songs = _IdCodes()
         rows = users.encode(pa.array(plays["user_id"].astype(str)))
         cols = songs.encode(pa.array(plays["track_id"].astype(str)))
-        return _assemble([rows], [cols], [counts.astype(np.int64)], users, songs, report=None)
+        matrix = _assemble([rows], [cols], [counts.astype(np.int64)], users, songs, report=None)
+        _check_sums(matrix, "plays table")
+        return matrix
 
     def to_frame(self) -> pd.DataFrame:
         """Long form: one row per (user, song) pair, columns ``user_id``, ``track_id``, ``count``."""
@@ -170,6 +179,7 @@ def read_play_matrix(
     if fmt == "parquet":
         batches = _parquet_batches(path, user_col, track_col, count_col, show_progress)
     else:
+        _refuse_parquet(path, fmt)
         batches = _text_batches(path, fmt, user_col, track_col, count_col, delimiter, show_progress)
 
     unit = "row" if fmt == "parquet" else "line"
@@ -177,11 +187,14 @@ def read_play_matrix(
     rows, cols, counts = [], [], []
     n_rows = n_bad = 0
     examples: list[str] = []
-    for batch in batches:
+    for batch in _readable(batches, path):
         n_rows += batch.n_rows
         n_bad += batch.n_bad
         for number, reason, text in batch.examples[: MAX_REPORTED - len(examples)]:
             examples.append(f"{unit} {number}: {reason}: {text[:80]!r}")
+        if batch.too_large:
+            shown = "; ".join(f"{unit} {number}: {text[:80]!r}" for number, text in batch.too_large)
+            raise DataError(f"{path}: count(s) above {MAX_COUNT:,} plays ({shown}): not play counts")
         if batch.n_bad and on_bad == "error":
             raise DataError(
                 f"{path}: malformed row(s): " + "; ".join(examples)
@@ -194,6 +207,7 @@ def read_play_matrix(
     if n_bad:
         log.warning("skipped malformed rows: %s", report)
     matrix = _assemble(rows, cols, counts, users, songs, report=report)
+    _check_sums(matrix, path)
     if matrix.n_pairs == 0:
         raise DataError(f"{path}: no valid play counts (format {fmt!r}; is that the right format?)")
     log.info(
@@ -234,6 +248,38 @@ def split_songs(
 # --- reading ------------------------------------------------------------------------------------
 
 
+def _readable(batches: Iterator[_Batch], path: Path) -> Iterator[_Batch]:
+    """The batches, with an I/O or decoding failure of the file (a truncated .gz, a corrupt Parquet
+    page) raised as a DataError naming it."""
+    try:
+        yield from batches
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read the file ({_reason(exc)}): truncated or corrupt?") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _refuse_parquet(path: Path, fmt: str) -> None:
+    with open(path, "rb") as fh:
+        if fh.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC:
+            raise DataError(f"{path} is a Parquet file, not {fmt!r} text: read it with format 'parquet'")
+
+
+def _check_sums(matrix: PlayMatrix, source) -> None:
+    """Raise naming the first (user, song) pair whose rows sum to more than MAX_COUNT plays."""
+    over = np.flatnonzero(matrix.counts.data > MAX_COUNT)
+    if len(over):
+        coo = matrix.counts.tocoo()
+        i = over[0]
+        user, song = str(matrix.user_ids[coo.row[i]]), str(matrix.song_ids[coo.col[i]])
+        raise DataError(
+            f"{source}: the rows of user {user!r}, song {song!r} "
+            f"sum to {int(coo.data[i]):,} plays, above {MAX_COUNT:,}: not play counts; fix them"
+        )
+
+
 @dataclass
 class _Batch:
     users: pa.Array  # (n,) string
@@ -242,6 +288,7 @@ class _Batch:
     n_rows: int  # rows seen, valid or not
     n_bad: int  # malformed rows seen (and dropped)
     examples: list[tuple[int, str, str]]  # the first few: (line or row number, reason, text)
+    too_large: list[tuple[int, str]] = field(default_factory=list)  # counts > MAX_COUNT: (line, text)
 
 
 class _IdCodes:
@@ -315,23 +362,50 @@ def _text_batches(path, fmt, user_col, track_col, count_col, delimiter, show_pro
                     delimiter=delimiter, quote_char='"' if quoted else False,
                     ignore_empty_lines=False, invalid_row_handler=on_invalid,
                 ),
-                convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+                convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}),
             )
             n_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
             lines = np.delete(np.arange(line0, line0 + n_lines), [n - 1 for n, _ in invalid])
-            wrong_fields = [
-                (line0 + n - 1, f"expected {len(names)} fields", text) for n, text in invalid[:MAX_REPORTED]
-            ]
+            wrong = [(line0 + n - 1, f"expected {len(names)} fields", t) for n, t in invalid[:MAX_REPORTED]]
+            table, lines, n_not_utf8, not_utf8 = _decode_utf8(table, lines)
             line0 += n_lines
             progress.update(len(block))
             if fmt == "csv":
                 batch = _rows_named(table, user_col, track_col, count_col, lines)
             else:
                 batch = _ROWS[fmt](table, lines)
-            batch.n_rows += len(invalid)
-            batch.n_bad += len(invalid)
-            batch.examples = sorted(wrong_fields + batch.examples)[:MAX_REPORTED]
+            batch.n_rows += len(invalid) + n_not_utf8
+            batch.n_bad += len(invalid) + n_not_utf8
+            batch.examples = sorted(wrong + not_utf8 + batch.examples)[:MAX_REPORTED]
             yield batch
+
+
+def _decode_utf8(table: pa.Table, lines: np.ndarray) -> tuple[pa.Table, np.ndarray, int, list]:
+    """Binary columns -> string columns, without the rows that are not valid UTF-8.
+
+    Returns (table of the valid rows, their line numbers, number of invalid rows, the first few
+    of them as (line, reason, text)).
+    """
+    try:
+        return table.cast(pa.schema([(name, pa.string()) for name in table.column_names])), lines, 0, []
+    except pa.ArrowInvalid:
+        pass
+    columns = [table.column(name).to_pylist() for name in table.column_names]
+    bad = np.array([not all(map(_is_utf8, row)) for row in zip(*columns, strict=True)], dtype=bool)
+    shown = [
+        (int(lines[i]), "not valid UTF-8", b"\t".join(c[i] or b"" for c in columns).decode(errors="replace"))
+        for i in np.flatnonzero(bad)[:MAX_REPORTED]
+    ]
+    table, lines, _, _ = _decode_utf8(table.filter(pa.array(~bad)), lines[~bad])
+    return table, lines, int(bad.sum()), shown
+
+
+def _is_utf8(value: bytes | None) -> bool:
+    try:
+        value is None or value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _compressed(path: Path) -> bool:
@@ -357,10 +431,17 @@ def _line_blocks(stream, first: bytes) -> Iterator[bytes]:
 
 
 def _split_first_line(data: bytes, path: Path) -> tuple[bytes, bytes]:
+    """(header line, the rest) of the first block of a file."""
     cut = data.find(b"\n")
-    if cut < 0:
-        raise DataError(f"{path}: the header line is missing or longer than {BLOCK_BYTES} bytes")
-    return data[: cut + 1], data[cut + 1 :]
+    if cut >= 0:
+        return data[: cut + 1], data[cut + 1 :]
+    if b"\r" in data:
+        raise DataError(f"{path}: lines end in a carriage return alone (old Mac style): convert them to LF")
+    if not data.strip():
+        raise DataError(f"{path}: empty file: a csv play file needs a header line naming its columns")
+    if len(data) >= BLOCK_BYTES:
+        raise DataError(f"{path}: the header line is longer than {BLOCK_BYTES} bytes")
+    return data, b""  # a header alone, without a newline
 
 
 def _parse_header(line: bytes, delimiter: str | None, path: Path) -> tuple[list[str], str]:
@@ -387,6 +468,7 @@ def _parquet_batches(path, user_col, track_col, count_col, show_progress) -> Ite
             f"{path}: no column(s) {missing} among {file.schema_arrow.names}; "
             "name the user/track/count columns (--user-col/--track-col/--count-col)"
         )
+    _check_parquet_types(file.schema_arrow, path, ids=(user_col, track_col), count=count_col)
     row0 = 1
     n_rows = file.metadata.num_rows
     with tqdm(total=n_rows, unit="row", desc=f"read {path.name}", disable=not show_progress) as bar:
@@ -398,6 +480,24 @@ def _parquet_batches(path, user_col, track_col, count_col, show_progress) -> Ite
             yield _rows_named(table, user_col, track_col, count_col, lines)
 
 
+def _check_parquet_types(schema: pa.Schema, path: Path, *, ids: tuple[str, str], count: str | None) -> None:
+    """Ids must be strings, binary or integers, counts numbers or strings (not lists, structs ...)."""
+    def plain(t: pa.DataType) -> pa.DataType:
+        return t.value_type if pa.types.is_dictionary(t) else t
+
+    def scalar(t: pa.DataType) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+
+    for name in ids:
+        t = plain(schema.field(name).type)
+        if not (scalar(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+            raise DataError(f"{path}: column {name!r} holds {t} values: ids must be strings or integers")
+    if count is not None:
+        t = plain(schema.field(count).type)
+        if not (scalar(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+            raise DataError(f"{path}: column {count!r} holds {t} values: play counts must be integers")
+
+
 # --- per-format row extraction: (table of string columns, line numbers) -> _Batch ---------------
 
 
@@ -407,35 +507,43 @@ def _as_string(column) -> pa.Array:
 
 
 def _parse_counts(column) -> tuple[np.ndarray, np.ndarray]:
-    """(n,) int64 counts and (n,) bool bad: not a positive integer."""
+    """(n,) int64 counts (0 where bad; MAX_COUNT + 1 where above MAX_COUNT) and (n,) bool bad:
+    not a positive integer."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     try:
         counts = pc.fill_null(pc.cast(array, pa.int64()), 0).to_numpy(zero_copy_only=False)
-        return counts, counts <= 0
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return np.minimum(counts, MAX_COUNT + 1), counts <= 0
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # decimals, overflow, text
         values = pd.to_numeric(pd.Series(array.to_pylist(), dtype=object), errors="coerce").to_numpy(float)
         with np.errstate(invalid="ignore"):
             ok = np.isfinite(values) & (values > 0) & (values == np.floor(values))
-        return np.where(ok, values, 0).astype(np.int64), ~ok
+        return np.where(ok, np.minimum(values, MAX_COUNT + 1), 0).astype(np.int64), ~ok
 
 
 def _finish(table, users, items, counts, bad_count, lines, fields_shown) -> _Batch:
-    """Drop rows with an empty user/item or a bad count; describe them with their line numbers."""
+    """Drop rows with an empty user/item or a bad count; describe them with their line numbers.
+
+    Rows with a count above MAX_COUNT are listed in ``too_large`` (the reader raises on them).
+    """
     empty_user = ~pc.not_equal(users, "").to_numpy(zero_copy_only=False)
     empty_item = ~pc.not_equal(items, "").to_numpy(zero_copy_only=False)
     bad = empty_user | empty_item | bad_count
+
+    def text(i: int) -> str:
+        return "\t".join(str(table.column(name)[i].as_py()) for name in fields_shown)
+
     examples = []
     for i in np.flatnonzero(bad)[:MAX_REPORTED]:
         reason = (
             "empty user id" if empty_user[i] else "empty item id" if empty_item[i]
             else "count is not a positive integer"
         )
-        text = "\t".join(str(table.column(name)[i].as_py()) for name in fields_shown)
-        examples.append((int(lines[i]), reason, text))
+        examples.append((int(lines[i]), reason, text(i)))
+    too_large = [(int(lines[i]), text(i)) for i in np.flatnonzero(counts > MAX_COUNT)[:MAX_REPORTED]]
     keep = pa.array(~bad)
     return _Batch(
         users=users.filter(keep), items=items.filter(keep), counts=counts[~bad],
-        n_rows=table.num_rows, n_bad=int(bad.sum()), examples=examples,
+        n_rows=table.num_rows, n_bad=int(bad.sum()), examples=examples, too_large=too_large,
     )
 
 
