@@ -430,6 +430,49 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_song_query)
 
 
+# --- export -------------------------------------------------------------------------------------
+
+
+def _what_list(text: str) -> tuple[str, ...]:
+    from sonicrec.export import WHAT
+
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [p for p in parts if p not in WHAT]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(WHAT)}")
+    return parts
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="predicted factors, neighbour and top-N lists as Parquet, the song index as a voyager file",
+        description=(
+            "Write RUN/export/MODEL/: predictions.parquet (track_id, vector), neighbours.parquet "
+            "(track_id, neighbour_ids, scores), topn.parquet (user_id, track_ids, scores) and "
+            "index/songs|users/{index.hnsw,names.json}, voyager indexes that voyager's Python "
+            "Index.load and Java StringIndex.load open as they are (docs/service.md)."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--what", type=_what_list, default="predictions,neighbours,topn,index",
+                   help="comma-separated: predictions,neighbours,topn,index (default: all)")
+    p.add_argument("--model", default="cnn-mse", help="model whose predicted factors place cold songs")
+    p.add_argument("--n", type=_positive_int, default=50, help="length of neighbour and top-N lists (50)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/export/MODEL)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from sonicrec.export import export_run
+
+    what = _what_list(args.what) if isinstance(args.what, str) else args.what
+    written = export_run(args.run_dir, model=args.model, what=what, n=args.n, out=args.out,
+                         show_progress=args.progress)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+
+
 # --- baselines / evaluate -----------------------------------------------------------------------
 
 
@@ -739,7 +782,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 _COMMANDS = [
     _add_demo, _add_ingest, _add_factorize, _add_factors, _add_recommend, _add_audience, _add_similar,
-    _add_baselines, _add_evaluate, _add_train, _add_predict, _add_analyse, _add_serve,
+    _add_baselines, _add_evaluate, _add_train, _add_predict, _add_export, _add_analyse, _add_serve,
 ]
 
 

@@ -190,6 +190,11 @@ class VectorIndex:
         return "exact" if self._graph is None else "voyager"
 
     @property
+    def graph(self):
+        """The ``voyager.Index`` behind a "voyager" backend (None while searching exactly)."""
+        return self._graph
+
+    @property
     def ids(self) -> np.ndarray:
         """(n,) str, in insertion order."""
         return self._ids

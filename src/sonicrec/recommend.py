@@ -310,6 +310,15 @@ class Recommender:
             return "new"
 
     @property
+    def song_ids(self) -> np.ndarray:
+        """(n,) str: every song it places, warm (true CF factors) first, then cold (predicted)."""
+        return np.concatenate([self.warm_ids, self.cold_ids])
+
+    def song_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every song it places and the unit vector it ranks it by: ids (n,) str, vectors (n, k)."""
+        return self.song_ids, np.concatenate([self._warm_unit, self._cold_unit])
+
+    @property
     def predictor(self) -> AudioPredictor:
         """The audio model (loaded on first use from ``checkpoint``)."""
         if self._predictor is None:

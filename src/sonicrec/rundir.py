@@ -14,6 +14,7 @@ One place names the files, so stages agree without passing paths around::
     RUN/evaluation/            results.json, results.md, results.png
     RUN/analysis/              the analysis report
     RUN/index/                 cached nearest-neighbour indexes of large catalogs
+    RUN/export/MODEL/          Parquet tables and voyager indexes for a service (sonicrec.export)
 """
 
 from __future__ import annotations
@@ -114,3 +115,6 @@ class RunDir:
     @property
     def index(self) -> Path:
         return self.root / "index"
+
+    def export(self, model: str) -> Path:
+        return self.root / "export" / model
