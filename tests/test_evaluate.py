@@ -202,6 +202,31 @@ def test_evaluate_run_writes_reports(tmp_path) -> None:
     assert "| model | mAP@500 | AUC | NDCG@5 | recall@5 |" in md
     assert "popularity (warm-start reference)" in md and "synthetic test data" in md
     assert (run.evaluation / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Paired differences" in md and "| cnn-mse - random |" in md
+
+
+def test_intervals_bracket_the_table_and_pair_every_prediction() -> None:
+    factors, plays = synthetic_world(seed=6)
+    noisy = factors.song_factors + np.random.default_rng(0).normal(0, 0.5, factors.song_factors.shape)
+    predictions = {
+        "mfcc-linear": (factors.song_ids, noisy), "cnn-mse": (factors.song_ids, factors.song_factors)
+    }
+    results = evaluate_models(factors, plays, predictions, k=10, seed=1, n_resamples=300)
+    for r in results["models"]:
+        for key in ("map@500", "auc", "ndcg@10", "recall@10"):
+            low, high = r["interval"][key]
+            assert low <= r[key] <= high and low < high
+    pairs = {(p["model"], p["baseline"]): p for p in results["paired"]}
+    assert set(pairs) == {("mfcc-linear", "random"), ("cnn-mse", "mfcc-linear"), ("cnn-mse", "random")}
+    better = pairs[("cnn-mse", "random")]["map@500"]
+    difference = row(results, "cnn-mse")["map@500"] - row(results, "random")["map@500"]
+    assert better["diff"] == pytest.approx(difference)
+    assert better["interval"][0] > 0 and better["p"] < 0.01
+    assert results["bootstrap"]["n_resamples"] == 300
+    again = evaluate_models(factors, plays, predictions, k=10, seed=1, n_resamples=300)
+    assert again == results
+    off = evaluate_models(factors, plays, predictions, k=10, seed=1, n_resamples=0)
+    assert off["paired"] == [] and off["models"][0]["interval"] == {}
 
 
 @pytest.mark.parametrize("bad", ["shape", "nan"])

@@ -29,6 +29,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -519,7 +523,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
     p.add_argument("--split", choices=("test", "valid"), default="test", help="songs to rank")
     p.add_argument("-k", type=_positive_int, default=50, help="cutoff of NDCG@k and recall@k (50)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the random baseline")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random baseline and the bootstrap")
+    p.add_argument(
+        "--bootstrap", type=_nonnegative_int, default=1000, metavar="N",
+        help="bootstrap resamples of the users for 95%% intervals and paired differences (0: none)",
+    )
     p.add_argument("--description", help="what the data is, written above the table")
     p.set_defaults(func=_run_evaluate)
 
@@ -530,8 +538,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
     run = RunDir(args.run_dir)
     results = evaluate_run(
-        run, split=args.split, k=args.k, seed=args.seed, description=args.description,
-        show_progress=args.progress,
+        run, split=args.split, k=args.k, seed=args.seed, n_resamples=args.bootstrap,
+        description=args.description, show_progress=args.progress,
     )
     print(results_markdown(results, description=results.get("description")))
     chart = "" if "not_computed" in results else ", results.png"

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sonicrec.bootstrap import DEFAULT_RESAMPLES, LEVEL, bootstrap_means
 from sonicrec.errors import DataError
 from sonicrec.factors import Factors, unit_rows
 from sonicrec.io import atomic_path, atomic_write_text, load_npz
@@ -59,6 +60,7 @@ DEFAULT_K = 50
 CHUNK_SCORES = 2**24  # scores held per chunk (64 MiB of float32, plus its sorted copy)
 COUNT_DIRECTLY = 16  # up to this many relevant songs, two comparison passes beat sorting the row
 RANDOM_DIM = 64  # random baseline: near-independent random rankings per user
+PAIRED_BASELINES = ("mfcc-linear", "random")  # every prediction is compared with these, user by user
 
 # Row order of the table; prediction files not named here follow in alphabetical order.
 MODEL_ORDER = ("random", "popularity", "mfcc-linear", "mfcc-mlp", "cnn-mse", "cnn-wpe")
@@ -313,6 +315,7 @@ def evaluate_models(
     k: int = DEFAULT_K,
     ap_cutoff: int = AP_CUTOFF,
     seed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES,
     show_progress: bool = False,
 ) -> dict:
     """Compare predicted song factors, the baselines and the upper bound on one song split.
@@ -322,12 +325,16 @@ def evaluate_models(
     factors : WMF factors with the split; user factors score every model
     plays : DataFrame[user_id, track_id, count]; plays of the split's songs are the ground truth
     predictions : name -> (song_ids (S,) str, factors (S, f)); e.g. mfcc-linear, cnn-mse
-    seed : seed of the random baseline and of the popularity tie-break
+    seed : seed of the random baseline, the popularity tie-break and the bootstrap
+    n_resamples : bootstrap resamples of the users for the intervals; 0 = no intervals
 
     Returns
     -------
-    dict with ``data`` (users, songs, plays evaluated) and ``models`` (one row per model). Every
-    model ranks the same songs: the split's songs present in every predictions file.
+    dict with ``data`` (users, songs, plays evaluated), ``models`` (one row per model, with the
+    95% ``interval`` of every metric), ``paired`` (each prediction minus mfcc-linear and minus
+    random on the same users) and ``bootstrap`` (how the intervals were made; see
+    :func:`compare_models`). Every model ranks the same songs: the split's songs present in every
+    predictions file.
     """
     split_songs = factors.songs(split)
     if len(split_songs) == 0:
@@ -366,20 +373,28 @@ def evaluate_models(
     candidates["upper-bound"] = (factors.user_factors, factors.song_factors[rows])
 
     n_listeners = int(np.count_nonzero(np.diff(relevant.indptr)))
-    results = []
+    results, per_user = [], {}
     for name in _ordered(candidates):
         log.info("evaluating %s: %d users x %d %s songs", name, n_listeners, len(songs), split)
         user_f, song_f = candidates[name]
-        metrics = ranking_metrics(
+        per_user[name] = ranking_metrics(
             user_f, song_f, relevant, k=k, ap_cutoff=ap_cutoff, show_progress=show_progress
         )
-        results.append({"model": name, **metrics.summary(), "note": MODEL_NOTES.get(name, "")})
+        results.append({"model": name, **per_user[name].summary(), "note": MODEL_NOTES.get(name, "")})
     summary = results[-1]
+    comparisons = [
+        (name, base) for name in predictions for base in PAIRED_BASELINES if base != name
+    ]
+    intervals = compare_models(per_user, comparisons, n_resamples=n_resamples, seed=seed)
+    for row in results:
+        row["interval"] = intervals["interval"].get(row["model"], {})
     return {
         "split": split,
         "k": k,
         "ap_cutoff": ap_cutoff,
         "seed": seed,
+        "bootstrap": intervals["bootstrap"],
+        "paired": intervals["paired"],
         "data": {
             "n_users": summary["n_users"],
             "n_users_skipped_no_plays": summary["n_users_skipped"],
@@ -427,6 +442,56 @@ def evaluate_regression(
     return {"kind": "regression", "split": split, "n_songs": int(len(split_songs)), "models": rows}
 
 
+def compare_models(
+    per_user: Mapping[str, RankingMetrics],
+    comparisons: list[tuple[str, str]],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict:
+    """Bootstrap intervals (over users) of every model's metrics and of paired differences.
+
+    Parameters
+    ----------
+    per_user : name -> per-user metrics; every model evaluated on the same users
+    comparisons : (model, baseline) pairs; each gets ``model - baseline`` on every metric
+    n_resamples : resamples of the users (0: no intervals, empty results)
+
+    Returns
+    -------
+    dict with ``interval`` (name -> metric -> [low, high]), ``paired`` (one dict per comparison:
+    ``model``, ``baseline`` and per metric ``diff``, ``interval``, ``p``) and ``bootstrap`` (the
+    method, resamples, level and seed).
+    """
+    method = {"over": "users", "method": "percentile", "n_resamples": n_resamples, "level": level,
+              "seed": seed}
+    comparisons = [(a, b) for a, b in comparisons if a in per_user and b in per_user]
+    if n_resamples == 0 or not per_user:
+        return {"interval": {}, "paired": [], "bootstrap": method}
+    names = list(per_user)
+    first = per_user[names[0]]
+    if any(not np.array_equal(m.users, first.users) for m in per_user.values()):
+        raise ValueError("paired intervals need every model evaluated on the same users")
+    keys = [f"map@{first.ap_cutoff}", "auc", f"ndcg@{first.k}", f"recall@{first.k}"]
+    columns = [getattr(m, field) for m in per_user.values() for field in ("ap", "auc", "ndcg", "recall")]
+    reps = bootstrap_means(np.column_stack(columns), n_resamples=n_resamples, seed=seed)
+    bounds = reps.interval(level)
+
+    def column(name: str, key: int) -> int:
+        return names.index(name) * len(keys) + key
+
+    interval = {
+        name: {key: bounds[column(name, i)].tolist() for i, key in enumerate(keys)} for name in names
+    }
+    paired = [
+        {"model": a, "baseline": b,
+         **{key: reps.difference(column(a, i), column(b, i), level) for i, key in enumerate(keys)}}
+        for a, b in comparisons
+    ]
+    return {"interval": interval, "paired": paired, "bootstrap": method}
+
+
 def _ordered(names) -> list[str]:
     known = [n for n in MODEL_ORDER if n in names]
     others = sorted(n for n in names if n not in MODEL_ORDER and n not in UPPER_BOUNDS)
@@ -454,12 +519,12 @@ def results_markdown(results: dict, *, description: str | None = None) -> str:
         f"| model | mAP@{cut} | AUC | NDCG@{k} | recall@{k} |",
         "|---|---:|---:|---:|---:|",
     ]
+    keys = (f"map@{cut}", "auc", f"ndcg@{k}", f"recall@{k}")
     for row in results["models"]:
         name = f"{row['model']} (warm-start reference)" if row["model"] == "popularity" else row["model"]
-        lines.append(
-            f"| {name} | {row[f'map@{cut}']:.5f} | {row['auc']:.5f} | {row[f'ndcg@{k}']:.5f} "
-            f"| {row[f'recall@{k}']:.5f} |"
-        )
+        cells = [_with_interval(row[key], row.get("interval", {}).get(key)) for key in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _paired_markdown(results)
     lines += ["", "Models:", ""]
     lines += [f"- **{row['model']}**: {row['note']}" for row in results["models"] if row["note"]]
     lines += [
@@ -483,6 +548,42 @@ def _regression_lines(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _with_interval(value: float, interval: list[float] | None) -> str:
+    if interval is None:
+        return f"{value:.5f}"
+    return f"{value:.5f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def _paired_markdown(results: dict) -> list[str]:
+    """The paired differences as a Markdown table, with how the intervals were made."""
+    boot = results.get("bootstrap", {})
+    if not boot.get("n_resamples"):
+        return ["", "No intervals (bootstrap off)."]
+    level, n = round(100 * boot["level"]), boot["n_resamples"]
+    lines = [
+        "",
+        f"[brackets]: {level}% percentile intervals from {n:,} bootstrap resamples of the users "
+        "(the songs held fixed), so they show how the table would move with other users, not with "
+        "other test songs or another training run.",
+    ]
+    if not results.get("paired"):
+        return lines
+    keys = (f"map@{results['ap_cutoff']}", "auc", f"ndcg@{results['k']}")
+    lines += [
+        "",
+        f"Paired differences on the same users and songs ({level}% interval; p: two-sided, "
+        f"recentred bootstrap, resolution 1/{n + 1:,}):",
+        "",
+        "| model - baseline | " + " | ".join(f"diff {key} | p" for key in keys) + " |",
+        "|---|" + "---:|---:|" * len(keys),
+    ]
+    for pair in results["paired"]:
+        cells = [f"{_with_interval(pair[key]['diff'], pair[key]['interval'])} | {pair[key]['p']:.3f}"
+                 for key in keys]
+        lines.append(f"| {pair['model']} - {pair['baseline']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_results(results: dict, path: Path) -> None:
     """Bar chart of mAP and AUC per model, written atomically to ``path`` (PNG)."""
     import matplotlib
@@ -498,15 +599,20 @@ def plot_results(results: dict, path: Path) -> None:
         (axes[0], f"map@{cut}", f"mAP@{cut}", None),
         (axes[1], "auc", "AUC", 0.5),
     ):
-        values = [r[key] for r in results["models"]]
-        ax.barh(names, values, color=["#999999" if "warm" in n else "#3070b0" for n in names])
+        values = np.array([r[key] for r in results["models"]])
+        bounds = np.array([r.get("interval", {}).get(key, [r[key]] * 2) for r in results["models"]])
+        ax.barh(names, values, color=["#999999" if "warm" in n else "#3070b0" for n in names],
+                xerr=np.abs(bounds.T - values), ecolor="k", capsize=3)
         ax.set_title(title)
         if chance is not None:
             ax.axvline(chance, color="k", lw=0.8, ls="--")
     axes[0].invert_yaxis()  # shared: the first model on top
     data = results["data"]
+    boot = results.get("bootstrap", {})
+    bars = (f"; bars: {round(100 * boot['level'])}% bootstrap intervals over users"
+            if boot.get("n_resamples") else "")
     fig.suptitle(f"Cold-start evaluation: {data['n_users']:,} users x {data['n_songs']:,} "
-                 f"{results['split']} songs")
+                 f"{results['split']} songs{bars}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -519,6 +625,7 @@ def evaluate_run(
     split: str = "test",
     k: int = DEFAULT_K,
     seed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES,
     description: str | None = None,
     show_progress: bool = True,
 ) -> dict:
@@ -554,7 +661,8 @@ def evaluate_run(
         if description is None and _marked_simulated(run.plays):
             description = "Listeners and their plays are SIMULATED (demo world); the music is real."
         results = evaluate_models(
-            factors, plays, predictions, split=split, k=k, seed=seed, show_progress=show_progress
+            factors, plays, predictions, split=split, k=k, seed=seed, n_resamples=n_resamples,
+            show_progress=show_progress,
         )
     if description:
         results["description"] = description
