@@ -546,6 +546,73 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     print(f"written: {run.evaluation / 'results.json'}, results.md{chart}")
 
 
+# --- study / learning-curve ---------------------------------------------------------------------
+
+
+def _add_experiment_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", type=Path, metavar="RUN", help="run with features and plays (e.g. a demo run)")
+    p.add_argument("--out", type=Path, required=True, help="directory of the experiment's runs")
+    p.add_argument(
+        "--losses", nargs="+", choices=("mse", "wpe"), help="CNN losses to train (study: mse wpe; curve: mse)"
+    )
+    p.add_argument(
+        "--bootstrap", type=_nonnegative_int, default=1000, metavar="N",
+        help="bootstrap resamples of the users per evaluation (0: no intervals)",
+    )
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="repeat split, factorisation, training and evaluation over seeds; mean ± sd table",
+        description=(
+            "For each seed, a run OUT/seed-N linked to RUN's features and plays: a new song split and "
+            "WMF, the CNNs, the MFCC baselines and the cold-start evaluation. Writes OUT/study.md "
+            "(mean ± sd across seeds, paired differences pooled over seeds, per-seed mAP) and "
+            "OUT/study.json. Finished seeds are kept: re-run the same command to resume."
+        ),
+    )
+    _add_experiment_options(p)
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2], help="seeds (0 1 2)")
+    p.set_defaults(func=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> None:
+    from sonicrec.study import run_seeds, study_markdown
+
+    result = run_seeds(args.base, args.out, args.seeds, losses=args.losses or ("mse", "wpe"),
+                       n_resamples=args.bootstrap, show_progress=args.progress)
+    print(study_markdown(result))
+    print(f"written: {args.out / 'study.md'}, study.json; per seed: {args.out}/seed-N/evaluation/")
+
+
+def _add_learning_curve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "learning-curve",
+        help="content models trained on fewer training songs, evaluated on the same test songs",
+        description=(
+            "For each size N, a run OUT/train-N with RUN's factors but only N of its training songs "
+            "(nested seeded subsets): the CNN and the MFCC baselines trained on them and evaluated on "
+            "RUN's test songs. Writes OUT/learning_curve.md, .json and .png; finished sizes are kept."
+        ),
+    )
+    _add_experiment_options(p)
+    p.add_argument("--sizes", nargs="+", type=_positive_int, required=True, help="training songs per point")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the subsets, training and bootstrap")
+    p.set_defaults(func=_run_learning_curve)
+
+
+def _run_learning_curve(args: argparse.Namespace) -> None:
+    from sonicrec.study import curve_markdown, run_learning_curve
+
+    curve = run_learning_curve(
+        args.base, args.out, args.sizes, seed=args.seed, losses=args.losses or ("mse",),
+        n_resamples=args.bootstrap, show_progress=args.progress,
+    )
+    print(curve_markdown(curve))
+    print(f"written: {args.out / 'learning_curve.md'}, learning_curve.json, learning_curve.png")
+
+
 # --- train / predict ----------------------------------------------------------------------------
 
 
@@ -790,7 +857,8 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 _COMMANDS = [
     _add_demo, _add_ingest, _add_factorize, _add_factors, _add_recommend, _add_audience, _add_similar,
-    _add_baselines, _add_evaluate, _add_train, _add_predict, _add_export, _add_analyse, _add_serve,
+    _add_baselines, _add_evaluate, _add_study, _add_learning_curve, _add_train, _add_predict, _add_export,
+    _add_analyse, _add_serve,
 ]
 
 

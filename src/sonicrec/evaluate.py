@@ -34,9 +34,7 @@ and by binary search in the sorted row otherwise. Memory stays bounded for 1M us
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +48,7 @@ import scipy.sparse as sp
 from sonicrec.bootstrap import DEFAULT_RESAMPLES, LEVEL, bootstrap_means
 from sonicrec.errors import DataError
 from sonicrec.factors import Factors, unit_rows
-from sonicrec.io import atomic_path, atomic_write_text, load_npz
+from sonicrec.io import atomic_path, atomic_write_json, atomic_write_text, load_npz
 from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -667,7 +665,7 @@ def evaluate_run(
     if description:
         results["description"] = description
     out = run.evaluation
-    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=2) + "\n")
+    atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", results_markdown(results, description=description))
     if not missing:
         plot_results(results, out / "results.png")
@@ -679,14 +677,3 @@ def _marked_simulated(path: Path) -> bool:
 
     metadata = pq.read_schema(path).metadata or {}
     return metadata.get(b"simulated") == b"true"
-
-
-def _jsonable(obj):
-    """NaN (undefined metric) becomes null, so results.json is strict JSON."""
-    if isinstance(obj, dict):
-        return {key: _jsonable(value) for key, value in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(value) for value in obj]
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -41,6 +43,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """``obj`` as indented strict JSON: NaN (an undefined value) is written as null."""
+    atomic_write_text(path, json.dumps(_strict(obj), indent=2) + "\n")
+
+
+def _strict(obj):
+    if isinstance(obj, dict):
+        return {key: _strict(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(value) for value in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
 
 
 def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
