@@ -28,6 +28,7 @@ import torch
 
 from sonicrec.config import AudioConfig
 from sonicrec.errors import AudioError
+from sonicrec.excerpt import block_levels, most_active_start, mostly_silent
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class Excerpt:
     duration : float
         Length of the whole track in seconds.
     offset : float
-        Where the excerpt starts in the track, seconds.
+        Where the excerpt starts in the track, seconds: the configured start, or the start of the
+        most active window when that excerpt is (mostly) silent (:mod:`sonicrec.excerpt`).
     padded : bool
         True when the track is shorter than the excerpt.
     """
@@ -147,13 +149,14 @@ def _reason(exc: BaseException) -> str:
 def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
     """Decode the excerpt of ``path``: mono float32 at ``cfg.sample_rate``, ``excerpt_samples(cfg)`` long.
 
-    Only the excerpt is read (seek, then blocks of frames). Tracks shorter than the excerpt are
-    zero-padded at the end and flagged ``padded``.
+    Only the excerpt is read (seek, then blocks of frames), unless it is silent or mostly silent:
+    then the whole track is scanned once and its most active window is used (``Excerpt.offset``
+    says where). Tracks shorter than the excerpt are zero-padded at the end and flagged ``padded``.
 
     Raises
     ------
     AudioError
-        The file is missing, unreadable, empty, not audio, corrupt, truncated or silent.
+        The file is missing, unreadable, empty, not audio, corrupt, truncated or silent throughout.
     """
     import soxr
 
@@ -166,7 +169,11 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
         raise AudioError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from exc
     try:
         with _open_decoder(path) as dec:
-            samples, duration, offset = _read_excerpt(dec, path, cfg)
+            duration = _check_stream(dec, path)
+            offset = excerpt_start(duration, cfg)
+            samples = _read_window(dec, path, offset, cfg)
+            if mostly_silent(samples, dec.samplerate):  # a silent excerpt too (peak < -80 dBFS)
+                offset, samples = _most_active_window(dec, path, duration, offset, samples, cfg)
             native_rate = dec.samplerate
     except AudioError:
         raise
@@ -185,25 +192,29 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
         raise AudioError(f"{path}: decoded samples are not finite (NaN/inf); the file is corrupt")
     if peak < SILENCE_PEAK:
         raise AudioError(
-            f"{path}: the excerpt at {offset:.1f} s is silent (peak {peak:.1e}); "
-            "check the file or choose another audio.excerpt_offset"
+            f"{path}: silent throughout (peak {peak:.1e} at the loudest {cfg.excerpt_seconds:g} s, "
+            f"from {offset:.1f} s); check the file or remove it"
         )
     return Excerpt(np.ascontiguousarray(samples, dtype=np.float32), duration, offset, padded)
 
 
-def _read_excerpt(dec: _Decoder, path: Path, cfg: AudioConfig) -> tuple[np.ndarray, float, float]:
+def _check_stream(dec: _Decoder, path: Path) -> float:
+    """The track's duration in seconds; AudioError when it has no frames or is cut short."""
     rate = dec.samplerate
     if not rate > 0 or dec.frames <= 0:
         raise AudioError(f"{path}: no audio frames (rate {rate:g} Hz, {dec.frames} frames); remove it")
     cut = dec.truncation()
     if cut:
         raise AudioError(f"{path}: truncated: {cut}; re-encode or remove it")
-    duration = dec.frames / rate
-    offset = excerpt_start(duration, cfg)
+    return dec.frames / rate
+
+
+def _read_window(dec: _Decoder, path: Path, offset: float, cfg: AudioConfig) -> np.ndarray:
+    """Mono float32 samples at the native rate of the excerpt starting ``offset`` seconds in."""
+    rate = dec.samplerate
     first = round(offset * rate)
     wanted = min(math.ceil(cfg.excerpt_seconds * rate), dec.frames - first)
-    if first:
-        dec.seek(first)
+    dec.seek(first)
     out = np.empty(wanted, dtype=np.float32)
     got = 0
     while got < wanted:
@@ -214,10 +225,36 @@ def _read_excerpt(dec: _Decoder, path: Path, cfg: AudioConfig) -> tuple[np.ndarr
         got += block.size
     if wanted - got > MAX_SHORTFALL_SECONDS * rate:
         raise AudioError(
-            f"{path}: truncated: the header announces {duration:.1f} s but decoding stopped at "
+            f"{path}: truncated: the header announces {dec.frames / rate:.1f} s but decoding stopped at "
             f"{(first + got) / rate:.1f} s; re-encode or remove it"
         )
-    return out[:got], duration, offset
+    return out[:got]
+
+
+def _all_blocks(dec: _Decoder) -> Iterator[np.ndarray]:
+    """The whole track, mono, in blocks of at most ``_BLOCK_FRAMES`` frames."""
+    dec.seek(0)
+    while (block := dec.read_mono(_BLOCK_FRAMES)).size:
+        yield block
+
+
+def _most_active_window(
+    dec: _Decoder, path: Path, duration: float, offset: float, samples: np.ndarray, cfg: AudioConfig
+) -> tuple[float, np.ndarray]:
+    """The (offset, samples) of the track's most active excerpt, scanning the whole track once.
+
+    Keeps the given excerpt when no window holds more sound (the caller refuses a silent one).
+    """
+    levels = block_levels(_all_blocks(dec), dec.samplerate)
+    start = most_active_start(levels, cfg.excerpt_seconds)
+    if start is None:
+        return offset, samples
+    start = min(start, max(0.0, duration - cfg.excerpt_seconds))
+    if start == offset:
+        return offset, samples
+    log.info("%s: the excerpt at %.1f s is mostly silent; using the most active one at %.1f s",
+             path, offset, start)
+    return start, _read_window(dec, path, start, cfg)
 
 
 # --- log-mel ------------------------------------------------------------------------------------
