@@ -16,6 +16,9 @@ from sonicrec.errors import ConfigError
 
 T = TypeVar("T")
 
+AUGMENTATIONS = ("gain", "eq", "bandlimit", "noise", "mask")  # sonicrec.augment
+INPUT_NORMS = ("band", "none", "excerpt", "excerpt-band")  # sonicrec.model.AudioCNN
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -97,7 +100,10 @@ class ModelConfig:
     dropout: float = 0.5
     window_frames: int = 130  # paper variant: ~3 s at the default hop
     window_hop: int = 65  # paper variant: frames between the starts of consecutive windows
-    input_norm: str = "band"  # "band": per-mel-band mean/std of the training set; "none"
+    # "band": per-mel-band mean/std of the training set; "excerpt": each excerpt's own mean/std
+    # (level-invariant); "excerpt-band": each band's own mean over time and the excerpt's std
+    # (level- and EQ-invariant); "none"
+    input_norm: str = "band"
     batch_norm: bool = False  # BatchNorm after each convolution (not in the blog model)
 
     def __post_init__(self) -> None:
@@ -116,7 +122,9 @@ class ModelConfig:
             "model.pool_sizes: at most one pooling size per convolution",
         )
         _check(self.window_hop > 0, "model.window_hop must be > 0")
-        _check(self.input_norm in ("band", "none"), f"model.input_norm={self.input_norm!r}: band|none")
+        _check(
+            self.input_norm in INPUT_NORMS, f"model.input_norm={self.input_norm!r}: {'|'.join(INPUT_NORMS)}"
+        )
         _check(
             self.architecture != "paper" or self.window_frames >= self.min_frames,
             f"model.window_frames={self.window_frames} is shorter than the network's "
@@ -159,6 +167,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"
+    augment: tuple[str, ...] = ()  # training-time augmentations, from AUGMENTATIONS (sonicrec.augment)
 
     def __post_init__(self) -> None:
         _check(self.loss in ("mse", "wpe"), f"train.loss={self.loss!r}: mse|wpe")
@@ -167,6 +176,8 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate must be positive")
         _check(self.crop_frames is None or self.crop_frames > 0, "train.crop_frames must be > 0")
         _check(self.patience > 0 and self.num_workers >= 0, "train.patience > 0, num_workers >= 0")
+        unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
+        _check(not unknown, f"train.augment: unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
 
 
 @dataclass(frozen=True)

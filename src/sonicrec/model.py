@@ -87,13 +87,24 @@ class AudioCNN(nn.Module):
             raise DataError(f"input has {n_mels} mel bands, the model expects {self.cfg.n_mels}")
         if frames < self.cfg.min_frames:
             raise DataError(f"input has {frames} frames, the model needs at least {self.cfg.min_frames}")
-        x = (x.float() - self.band_mean[:, None]) / self.band_std[:, None]  # (B, M, T)
+        x = (self._excerpt_norm(x.float()) - self.band_mean[:, None]) / self.band_std[:, None]  # (B, M, T)
         if self.cfg.architecture == "blog" or frames <= self.cfg.window_frames:
             return self._excerpt(x)  # (B, k)
         windows = x.unfold(2, self.cfg.window_frames, self.cfg.window_hop)  # (B, M, W, window)
         batch, n_windows = windows.shape[0], windows.shape[2]
         windows = windows.permute(0, 2, 1, 3).reshape(batch * n_windows, n_mels, -1)  # (B*W, M, window)
         return self._excerpt(windows).view(batch, n_windows, -1).mean(dim=1)  # (B, k)
+
+    def _excerpt_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-excerpt standardisation of ``model.input_norm`` "excerpt" / "excerpt-band" (else x)."""
+        if self.cfg.input_norm == "excerpt":
+            centre = x.mean(dim=(1, 2), keepdim=True)
+        elif self.cfg.input_norm == "excerpt-band":
+            centre = x.mean(dim=2, keepdim=True)
+        else:
+            return x
+        x = x - centre
+        return x / x.square().mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-2)
 
     def _excerpt(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)  # (B, C, T'), T' = 32 for the default model on 599 frames

@@ -51,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from sonicrec.augment import Augmenter
 from sonicrec.cf import confidence
 from sonicrec.config import CFConfig, Config
 from sonicrec.errors import ConfigError, DataError, TrainingError
@@ -421,7 +422,7 @@ def _crop_frames(store: LogMelStore, cfg: Config) -> int:
 
 
 def _input_norm(store: LogMelStore, train_ids: Sequence[str], cfg: Config) -> tuple[np.ndarray, ...]:
-    if cfg.model.input_norm == "none":
+    if cfg.model.input_norm != "band":  # "none", or the excerpt's own statistics (AudioCNN)
         return np.zeros(cfg.model.n_mels, np.float32), np.ones(cfg.model.n_mels, np.float32)
     return band_statistics(store, train_ids)
 
@@ -503,6 +504,10 @@ class _Loop:
         self.best_model = s.get("best_model")
         self.history: list[dict[str, float]] = s.get("history", [])
         self.writer = _tensorboard(out_dir) if self.rank == 0 else None
+        self.augment = (
+            Augmenter(cfg.train.augment, cfg.audio, seed=cfg.train.seed, rank=self.rank) if cfg.train.augment
+            else None
+        )
 
     def run(self, mean: np.ndarray, std: np.ndarray) -> TrainResult:
         cfg = self.cfg.train
@@ -566,6 +571,8 @@ class _Loop:
         for x, rows in self.train_loader:
             waiting += time.perf_counter() - ready
             x = x.to(self.device, non_blocking=True)  # (B, n_mels, crop) float16
+            if self.augment is not None:
+                x = self.augment(x, epoch=self.epoch)  # float32
             rows = rows.to(self.device, non_blocking=True)
             with self.autocast():
                 pred = self.model(x)  # (B, k)

@@ -1,0 +1,209 @@
+"""Real-music check: how a run's audio models behave on real recordings they were never trained on.
+
+    python benchmarks/bench_real_music.py RUN TRACKS.csv [--models cnn-mse ...] [--cache DIR]
+
+``TRACKS.csv`` has columns ``track_id,path`` and a group column (``group`` or ``game``: tracks of
+one group share composer, production and style, e.g. one game's soundtrack; see
+``../shared/scripts/get_dev_music.sh``). Files that cannot be decoded are skipped and counted.
+For every content model of the run (``RUN/model/*/checkpoint.pt``), for the per-band mean/std of
+the log-mel (2 x n_mels numbers, z-scored over the tracks) and for random vectors it prints:
+
+* **same@10**: the share of a track's 10 nearest other tracks (cosine) from its own group, with its
+  standard error over tracks, the chance level (a random neighbour: (n_group - 1) / (N - 1)) and the
+  difference to the log-mel mean/std baseline with the paired standard error of that difference;
+* **cos**: mean pairwise cosine of the vectors (0 for isotropic ones; 1 when all collapse together);
+* **PR**: participation ratio of the covariance of the unit vectors, (sum l)^2 / sum l^2 over its
+  eigenvalues l (the number of directions the tracks spread over; at most the dimension);
+* through ``Recommender.similar`` / ``audience`` on the files themselves (models of the run only):
+  the share of the top-10 lists holding the single most frequent song (user), and how many distinct
+  songs (users) all lists return. ``--raw`` adds the same for the raw scores, where the API has them.
+
+A second table gives the same list statistics for the run's own test songs (simulated listeners),
+queried by track id, for reference. Log-mel spectrograms are cached in ``--cache`` (keyed by the
+file list and the front-end settings), so a rerun with another model does not decode again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sonicrec.config import AudioConfig
+from sonicrec.evaluate import load_predictions
+from sonicrec.factors import Factors, unit_rows
+from sonicrec.features import extract_track
+from sonicrec.predict import Predictor
+from sonicrec.recommend import Recommender
+from sonicrec.rundir import RunDir
+
+K = 10
+
+
+def read_tracks(path: Path) -> pd.DataFrame:
+    """track_id, path, group (from a ``group`` or ``game`` column) of a tracks CSV."""
+    frame = pd.read_csv(path, dtype=str)
+    group = next((c for c in ("group", "game") if c in frame.columns), None)
+    if group is None or not {"track_id", "path"} <= set(frame.columns):
+        raise SystemExit(f"{path}: need columns track_id, path and group (or game): {list(frame.columns)}")
+    return frame.rename(columns={group: "group"})[["track_id", "path", "group"]]
+
+
+def decode(tracks: pd.DataFrame, cfg: AudioConfig, cache: Path | None) -> tuple[pd.DataFrame, np.ndarray]:
+    """The decodable tracks and their log-mels, float16 (N, n_mels, n_frames); prints what was skipped."""
+    key = hashlib.blake2b(
+        json.dumps([tracks.to_numpy().tolist(), repr(cfg)]).encode(), digest_size=8
+    ).hexdigest()
+    cached = cache / f"real-music-{key}.npz" if cache else None
+    if cached is not None and cached.exists():
+        data = np.load(cached)
+        return tracks[tracks.track_id.isin(data["track_ids"])].reset_index(drop=True), data["logmels"]
+    started = time.perf_counter()
+    results = [extract_track(t.track_id, t.path, cfg) for t in tracks.itertuples()]
+    ok = np.array([r.error is None for r in results])
+    reasons = Counter(Path(t.path).suffix.lower() for t, r in zip(tracks.itertuples(), results, strict=True)
+                      if r.error is not None)
+    print(f"decoded {ok.sum()} of {len(tracks)} tracks in {time.perf_counter() - started:.0f} s; "
+          f"skipped {len(tracks) - ok.sum()} undecodable ({dict(reasons) or 'none'})")
+    for r in results:
+        if r.error is not None:
+            print(f"  skipped: {r.error[:160]}")
+    kept = tracks[ok].reset_index(drop=True)
+    logmels = np.stack([r.features for r in results if r.error is None])
+    if cached is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, track_ids=kept.track_id.to_numpy(str), logmels=logmels)
+    return kept, logmels
+
+
+def same_group_share(vectors: np.ndarray, groups: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
+    """Per track: share of its k cosine-nearest other tracks in its group, and the chance level, (N,) each."""
+    unit = unit_rows(vectors.astype(np.float64))
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    share = (groups[nearest] == groups[:, None]).mean(axis=1)
+    sizes = pd.Series(groups).map(pd.Series(groups).value_counts()).to_numpy()
+    return share, (sizes - 1) / (len(groups) - 1)
+
+
+def spread(vectors: np.ndarray) -> tuple[float, float]:
+    """Mean pairwise cosine and participation ratio of the covariance of the unit vectors (N, d)."""
+    unit = unit_rows(vectors.astype(np.float64))
+    n = len(unit)
+    total = unit.sum(axis=0)
+    mean_cos = (total @ total - n) / (n * (n - 1))
+    eig = np.clip(np.linalg.eigvalsh(np.cov(unit, rowvar=False)), 0, None)
+    return float(mean_cos), float(eig.sum() ** 2 / (eig**2).sum())
+
+
+def list_stats(lists: list[np.ndarray]) -> tuple[float, int]:
+    """Share of lists holding the most frequent item, and the number of distinct items."""
+    counts = Counter(item for ids in lists for item in set(ids.tolist()))
+    return max(counts.values()) / len(lists), len(counts)
+
+
+class _Lookup:
+    """A predictor for ``Recommender``: factors of the files already computed, by path."""
+
+    def __init__(self, paths: list[str], factors: np.ndarray) -> None:
+        self.rows = {str(Path(p)): i for i, p in enumerate(paths)}
+        self.factors = factors
+
+    def predict_files(self, paths: list[Path]) -> np.ndarray:
+        return self.factors[[self.rows[str(p)] for p in paths]]
+
+
+def recommender_rows(rec: Recommender, queries: list[str], *, skip_query: bool) -> dict[str, str]:
+    """List statistics of ``similar`` and ``audience`` for each query, default and (if any) raw."""
+    modes = {"": {}}
+    if "raw" in inspect.signature(rec.similar).parameters:
+        modes["raw "] = {"raw": True}
+    out = {}
+    for label, options in modes.items():
+        songs = [rec.similar(q, K + skip_query, **options).ids[int(skip_query):] for q in queries]
+        users = [rec.audience(q, K, **options).ids for q in queries]
+        (s_top, s_distinct), (u_top, u_distinct) = list_stats(songs), list_stats(users)
+        out[f"{label}top song"] = f"{s_top:.1%}"
+        out[f"{label}songs"] = str(s_distinct)
+        out[f"{label}top user"] = f"{u_top:.1%}"
+        out[f"{label}users"] = str(u_distinct)
+    return out
+
+
+def markdown(rows: list[dict[str, str]]) -> str:
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("tracks", type=Path)
+    parser.add_argument("--models", nargs="*", help="models of the run (default: every checkpoint)")
+    parser.add_argument("--cache", type=Path, help="folder for the decoded log-mels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    run = RunDir(args.run)
+    names = args.models or sorted(p.parent.name for p in run.model.glob("*/checkpoint.pt"))
+    predictors = {name: Predictor.load(run.model / name / "checkpoint.pt") for name in names}
+    audio_cfg = next(iter(predictors.values())).config.audio if predictors else AudioConfig()
+    tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
+    groups = tracks.group.to_numpy(str)
+    print(f"{len(tracks)} tracks in {len(set(groups))} groups; run {run.root}; load {os.getloadavg()[0]:.1f}")
+
+    lm = logmels.astype(np.float32)
+    stats = np.concatenate([lm.mean(axis=2), lm.std(axis=2)], axis=1)
+    vectors = {"log-mel mean/std": (stats - stats.mean(0)) / np.maximum(stats.std(0), 1e-6)}
+    factors = Factors.load(run.factors)
+    rng = np.random.default_rng(args.seed)
+    vectors["random"] = rng.standard_normal((len(tracks), factors.n_factors))
+    for name, predictor in predictors.items():
+        vectors[name] = predictor.predict_logmel(logmels)
+
+    base_share, chance = same_group_share(vectors["log-mel mean/std"], groups)
+    n = len(tracks)
+    rows, demo_rows = [], []
+    for name, v in vectors.items():
+        share, _ = same_group_share(v, groups)
+        diff = share - base_share
+        mean_cos, pr = spread(v)
+        row = {
+            "vectors": name,
+            "same@10": f"{share.mean():.3f} ± {share.std(ddof=1) / np.sqrt(n):.3f}",
+            "chance": f"{chance.mean():.3f}",
+            "vs log-mel": f"{diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(n):.3f}",
+            "cos": f"{mean_cos:.3f}",
+            "PR": f"{pr:.1f}",
+        }
+        if name in predictors:
+            rec = Recommender.load(run.root, name, predictor=_Lookup(tracks.path.tolist(), v))
+            row |= recommender_rows(rec, tracks.path.tolist(), skip_query=False)
+            predicted_ids, predicted = load_predictions(run.prediction(name), factors.n_factors)
+            is_test = np.isin(predicted_ids, factors.songs("test"))
+            test = predicted_ids[is_test].tolist()
+            mean_cos, pr = spread(predicted[is_test])
+            demo_rows.append({"model": name, "test songs": str(len(test)), "cos": f"{mean_cos:.3f}",
+                              "PR": f"{pr:.1f}"} | recommender_rows(rec, test, skip_query=True))
+        rows.append(row)
+    print("\nReal recordings (same@10 ± SE over tracks; vs log-mel: paired difference ± its SE)\n")
+    print(markdown(rows))
+    if demo_rows:
+        print("\nThe run's own test songs (simulated listeners), queried by track id\n")
+        print(markdown(demo_rows))
+
+
+if __name__ == "__main__":
+    main()
