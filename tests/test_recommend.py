@@ -86,7 +86,7 @@ def test_recommend_matches_brute_force_over_warm_and_cold_songs(world):
         played_train = set(plays.track_id[plays.user_id == user]) & set(factors.songs("train"))
         allowed = ~np.isin(ids, list(played_train))
         expected_ids, expected_scores = _top(ids, vectors @ x, 12, allowed)
-        got = rec.recommend(user, 12)
+        got = rec.recommend(user, 12, raw=True)
         assert isinstance(got, Ranking)
         assert got.ids.tolist() == expected_ids
         np.testing.assert_allclose(got.scores, expected_scores, rtol=1e-5)
@@ -117,7 +117,7 @@ def test_audience_matches_brute_force_and_leaves_out_listeners(world):
         listeners = set(plays.user_id[plays.track_id == song]) if song in factors.songs("train") else set()
         allowed = ~np.isin(factors.user_ids, list(listeners))
         expected_ids, expected_scores = _top(factors.user_ids, factors.user_factors @ y, 7, allowed)
-        got = rec.audience(song, 7)
+        got = rec.audience(song, 7, raw=True)
         assert got.ids.tolist() == expected_ids
         np.testing.assert_allclose(got.scores, expected_scores, rtol=1e-5)
     assert len(rec.audience("t05", 100, exclude_played=False).ids) == N_USERS
@@ -129,7 +129,7 @@ def test_similar_puts_the_query_first_then_cosine_order(world):
     for song in ["t02", "t55", "new0"]:
         y = vectors[list(ids).index(song)]
         expected_ids, expected_scores = _top(ids, vectors @ y, 6, ids != song)
-        got = rec.similar(song, 7)
+        got = rec.similar(song, 7, raw=True)
         assert got.ids.tolist() == [song, *expected_ids]
         np.testing.assert_allclose(got.scores, [1.0, *expected_scores], rtol=1e-5)
     assert rec.similar("t02", 1).ids.tolist() == ["t02"]
@@ -141,11 +141,12 @@ def test_audio_file_query_equals_id_query_for_the_same_track(world, tmp_path):
     audio.write_bytes(b"fake audio")
     predictor = FakePredictor({"t52.wav": predicted[list(predicted_ids).index("t52")]})
     rec = _recommender(world, predictor=predictor)
-    by_file, by_id = rec.similar(audio, 8), rec.similar("t52", 8)
+    by_file, by_id = rec.similar(audio, 8, raw=True), rec.similar("t52", 8, raw=True)
     assert by_file.ids.tolist() == by_id.ids.tolist()
     np.testing.assert_allclose(by_file.scores, by_id.scores, rtol=1e-5)
+    assert rec.similar(audio, 8).ids.tolist() == rec.similar("t52", 8).ids.tolist()  # hub-corrected
     assert rec.audience(str(audio), 5).ids.tolist() == rec.audience("t52", 5).ids.tolist()
-    assert predictor.calls == 2
+    assert predictor.calls == 3
 
 
 def test_unknown_ids_are_clear_errors(world, tmp_path):
@@ -254,7 +255,7 @@ def test_audio_file_through_the_real_front_end_and_model(world, tmp_path):
     predicted = predicted.copy()
     predicted[list(predicted_ids).index("t52")] = stored[0]
     rec = Recommender(factors, predicted_ids, predicted, plays, predictor=predictor)
-    by_file, by_id = rec.similar(audio, 6), rec.similar("t52", 6)
+    by_file, by_id = rec.similar(audio, 6, raw=True), rec.similar("t52", 6, raw=True)
     assert by_file.ids.tolist() == by_id.ids.tolist()
     np.testing.assert_allclose(by_file.scores, by_id.scores, rtol=1e-4, atol=1e-5)
 
@@ -269,15 +270,15 @@ def test_calibration_gives_cold_songs_their_share_when_predictions_crowd_the_mea
                       factors.user_factors + 3 * users, factors.song_factors, factors.split)
     rec = Recommender(shifted, predicted_ids, crowded, plays)
     cold = set(rec.cold_ids.tolist())
-    share = {c: np.mean([np.mean([i in cold for i in rec.recommend(u, 10, calibrate=c).ids])
+    share = {c: np.mean([np.mean([i in cold for i in rec.recommend(u, 10, raw=not c).ids])
                          for u in shifted.user_ids]) for c in (False, True)}
     catalog_share = len(cold) / (len(cold) + len(rec.warm_ids))
     assert share[False] > catalog_share + 0.3  # raw scores: cold songs crowd the top 10
     assert abs(share[True] - catalog_share) < 0.2
-    ranking = rec.recommend("u00", 10, calibrate=True)
+    ranking = rec.recommend("u00", 10)
     assert np.all(np.diff(ranking.scores) <= 0)
     # within a group the order is the raw order
-    raw = rec.recommend("u00", 60, calibrate=False)
+    raw = rec.recommend("u00", 60, raw=True)
     warm_raw = [i for i in raw.ids if i not in cold]
     warm_cal = [i for i in ranking.ids if i not in cold]
     assert warm_cal == warm_raw[: len(warm_cal)]
@@ -291,8 +292,8 @@ def test_calibrated_similar_keeps_the_query_first_and_mixes_the_groups(world):
     rec = Recommender(factors, predicted_ids, crowded, plays)
     cold = set(rec.cold_ids.tolist())
     query = rec.cold_ids[0]
-    raw = rec.similar(query, 11)
-    calibrated = rec.similar(query, 11, calibrate=True)
+    raw = rec.similar(query, 11, raw=True)
+    calibrated = rec.similar(query, 11)
     assert raw.ids[0] == calibrated.ids[0] == query
     share = {name: np.mean([i in cold for i in r.ids[1:]]) for name, r in (("raw", raw), ("cal", calibrated))}
     assert share["raw"] == 1.0  # crowded predictions: every raw neighbour is another cold song

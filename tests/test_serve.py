@@ -22,6 +22,7 @@ from sonicrec.factors import Factors, unit_rows  # noqa: E402
 from sonicrec.io import atomic_save_npz  # noqa: E402
 from sonicrec.model import AudioCNN  # noqa: E402
 from sonicrec.predict import Predictor  # noqa: E402
+from sonicrec.recommend import Recommender  # noqa: E402
 from sonicrec.rundir import RunDir  # noqa: E402
 from sonicrec.serve import SongMap, create_app, load_song_map, sniff_audio_format  # noqa: E402
 
@@ -119,14 +120,10 @@ def _wav_bytes(i: int, tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _expected_similar(world, vector: np.ndarray, n: int) -> list[str]:
-    """Brute-force cosine ranking over warm songs (CF factors) and cold songs (predictions)."""
-    run, _ = world
-    factors = Factors.load(run.factors)
-    pred = np.load(run.prediction("cnn-mse"))["factors"]
-    vectors = np.where((factors.split == "train")[:, None], factors.song_factors_unit, unit_rows(pred))
-    scores = vectors @ unit_rows(vector.reshape(1, -1))[0]
-    return factors.song_ids[np.argsort(-scores, kind="stable")[:n]].tolist()
+def _expected_similar(world, path: Path, n: int) -> list[str]:
+    """The library's similar-songs list for an audio file (hub-corrected, warm and cold merged)."""
+    run, predictor = world
+    return Recommender.load(run.root, predictor=predictor).similar(path, n).ids.tolist()
 
 
 # --- reading endpoints ----------------------------------------------------------------------------
@@ -239,7 +236,7 @@ def test_upload_places_a_new_file_like_its_cold_original(client, world, tmp_path
     expected = predictor.predict_logmel(file_to_logmel(tmp_path / "copy5.wav", CONFIG.audio)[None])[0]
     np.testing.assert_allclose(body["factors"], expected, rtol=1e-5, atol=1e-6)
     similar = [h["track_id"] for h in body["similar"]]
-    assert similar == _expected_similar(world, expected, 5) and similar[0] == "t05"
+    assert similar == _expected_similar(world, tmp_path / "copy5.wav", 5) and similar[0] == "t05"
     assert body["similar"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert len(body["audience"]) == 5 and body["audience"][0]["rank"] == 1
     # it lands on the map exactly where t05 is

@@ -336,6 +336,8 @@ def _add_ranking_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=_positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--model", default="cnn-mse", help="model whose predicted factors place cold songs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--raw", action="store_true",
+                   help="raw scores: no fair merge of played and never-played songs, no hubness reduction")
 
 
 def _show_ranking(args: argparse.Namespace, rec, ranking, query: str, columns: dict) -> None:
@@ -376,8 +378,6 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("--warm-only", action="store_true", help="leave out never-played (cold) songs")
     p.add_argument("--include-played", action="store_true", help="keep songs the user has played")
-    p.add_argument("--calibrate", action="store_true",
-                   help="merge warm and cold songs by z-score within each group (fair share of cold songs)")
     p.add_argument("--outliers", action="store_true",
                    help="score how far each song sounds from the rest of the list (flag_outliers)")
     p.set_defaults(func=_run_recommend)
@@ -389,7 +389,7 @@ def _run_recommend(args: argparse.Namespace) -> None:
     rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
     ranking = rec.recommend(
         args.user, args.n, include_cold=not args.warm_only, exclude_played=not args.include_played,
-        calibrate=args.calibrate,
+        raw=args.raw,
     )
     columns = {}
     if args.outliers:
@@ -415,8 +415,7 @@ def _run_song_query(args: argparse.Namespace) -> None:
     from sonicrec.recommend import Recommender
 
     rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
-    options = {"calibrate": True} if getattr(args, "calibrate", False) else {}
-    ranking = getattr(rec, args.command)(args.song, args.n, **options)
+    ranking = getattr(rec, args.command)(args.song, args.n, raw=args.raw)
     _show_ranking(args, rec, ranking, args.song, {})
 
 
@@ -424,13 +423,12 @@ def _add_similar(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "similar",
         help="a similar-songs playlist for a song or an audio file",
-        description="Songs nearest to a track id or a new audio file in the latent space (cosine), "
+        description="Songs nearest to a track id or a new audio file in the latent space (cosine, "
+        "hub-corrected by CSLS, played and never-played songs merged fairly; --raw: cosine alone), "
         "the query track first.",
     )
     _add_ranking_options(p)
     p.add_argument("song", metavar="FILE|ID", help="an audio file or a track id")
-    p.add_argument("--calibrate", action="store_true",
-                   help="merge warm and cold songs by z-score within each group (fair share of cold songs)")
     p.set_defaults(func=_run_song_query)
 
 

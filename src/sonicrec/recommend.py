@@ -6,10 +6,23 @@ played) use the factors a model predicts from their audio. The CNN predicts unit
 warm factors are unit-normalised too: songs are ranked by direction only, without the popularity
 that WMF puts in a song's norm, which gives new and unknown artists the same chance as hits.
 
-Scores: a user's score for a song is ``x_u . y_i / |y_i|`` (recommend, audience); two songs'
-similarity is their cosine (similar). Searches go through :class:`sonicrec.index.VectorIndex`
-(exact below ``IndexConfig.exact_below`` vectors, HNSW above), one index for warm songs, one for
-cold songs and one for users; large indexes are cached in ``RUN/index/MODEL/``.
+Raw scores: a user's score for a song is ``x_u . y_i / |y_i|`` (recommend, audience); two songs'
+similarity is their cosine (similar). By default (``raw=False``) two corrections apply:
+
+* **Fair merge** (recommend, similar): warm and cold songs are merged by how far each stands above
+  its own group (z-scores), since audio-predicted factors crowd towards the average taste and raw
+  scores would fill the lists with cold songs.
+* **Hubness reduction** (similar, audience): mutual proximity (:mod:`sonicrec.hubness`; Schnitzer
+  et al., JMLR 2012): the score is ``Phi(z_q) Phi(z_y)``, where z_q is that fair-merge z-score of the
+  similarity among the query's similarities to the candidate's group, and z_y the z-score of the
+  same similarity among the candidate's similarities to the audio-predicted song factors (the kind
+  of vector an audio query is). Songs and users that are close to every prediction stop turning up
+  in almost every list.
+
+Searches go through :class:`sonicrec.index.VectorIndex` (exact below ``IndexConfig.exact_below``
+vectors, HNSW above), one index for warm songs, one for cold songs and one for users; large
+indexes are cached in ``RUN/index/MODEL/``. With hubness reduction an exact index re-ranks all its
+vectors, an HNSW one its ``max(4 n, 100)`` nearest.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from sonicrec.catalog import Catalog
 from sonicrec.config import IndexConfig
 from sonicrec.errors import DataError, UnknownIdError
 from sonicrec.factors import Factors, unit_rows
+from sonicrec.hubness import Moments, mutual_proximity
 from sonicrec.index import VectorIndex
 from sonicrec.rundir import RunDir
 
@@ -36,6 +50,7 @@ log = logging.getLogger(__name__)
 
 Query = str | Path  # a track id, or the path of an audio file
 _MAD_FLOOR = 0.01  # smallest spread (cosine distance) used by flag_outliers' robust z-score
+_SAME_SONG = 1 - 1e-5  # cosine above which two factor vectors are one recording's
 
 
 class Ranking(NamedTuple):
@@ -135,11 +150,15 @@ class Recommender:
         self._cold_row = {s: r for r, s in enumerate(self.cold_ids.tolist())}
         self._cold_unit = self._predicted_unit[is_cold]
 
-        self._warm_moments = _Moments.of(self._warm_unit)
-        self._cold_moments = _Moments.of(self._cold_unit)
         self._songs_warm = self._index("songs-train", self.warm_ids, self._warm_unit, "cosine")
         self._songs_cold = self._index("songs-cold", self.cold_ids, self._cold_unit, "cosine")
         self._users = self._index("users", factors.user_ids, factors.user_factors, "ip")
+        self._queries = Moments.of(self._predicted_unit)  # what audio queries look like (hubness)
+        self._groups = [
+            _Group(self._songs_warm, self._warm_unit, self._queries),
+            _Group(self._songs_cold, self._cold_unit, self._queries),
+        ]
+        self._user_group = _Group(self._users, factors.user_factors, self._queries)
         self._plays = _plays_matrix(plays, factors.user_ids, self.warm_ids)  # (U, W) CSR
         self._listeners = self._plays.T.tocsr()  # (W, U)
 
@@ -194,7 +213,7 @@ class Recommender:
         *,
         include_cold: bool = True,
         exclude_played: bool = True,
-        calibrate: bool = False,
+        raw: bool = False,
     ) -> Ranking:
         """The ``n`` songs ``user`` is most likely to enjoy, warm and never-played songs together.
 
@@ -205,29 +224,31 @@ class Recommender:
         include_cold : also rank songs nobody has played (valid/test and new songs, by their
             audio-predicted factors)
         exclude_played : leave out the train songs the user has played
-        calibrate : merge warm and cold songs by how far each stands above its own group for this
-            user (z-scores) rather than by raw score. Audio-predicted factors crowd towards the
+        raw : rank by raw score. By default warm and cold songs are merged by how far each stands
+            above its own group for this user (z-scores): audio-predicted factors crowd towards the
             average taste, so raw scores favour cold songs (on the demo world they fill about half
-            of a top 10 while being a fifth of the catalog); calibration gives each group its fair share.
+            of a top 10 while being a fifth of the catalog).
 
         Returns
         -------
-        Ranking of song ids, scores ``x_u . y_i / |y_i|`` (z-scores within the song's group when
-        ``calibrate``)
+        Ranking of song ids, scores: z-scores within the song's group, or ``x_u . y_i / |y_i|`` if raw
         """
         row = self._user_row(user)
         x = self.factors.user_factors[row]
         played = self.warm_ids[self._row_cols(self._plays, row)] if exclude_played else ()
         ids, scores = self._nearest_songs(
-            x, n, exclude=played, include_cold=include_cold, calibrate=calibrate
+            x, n, exclude=played, include_cold=include_cold, mode="raw" if raw else "calibrated"
         )
-        return Ranking(ids, scores if calibrate else (scores * np.linalg.norm(x)).astype(np.float32))
+        return Ranking(ids, (scores * np.linalg.norm(x)).astype(np.float32) if raw else scores)
 
-    def audience(self, song: Query, n: int = 10, *, exclude_played: bool = True) -> Ranking:
+    def audience(
+        self, song: Query, n: int = 10, *, exclude_played: bool = True, raw: bool = False
+    ) -> Ranking:
         """The ``n`` users most likely to enjoy a song: a track id or a (new) audio file.
 
-        ``exclude_played`` leaves out the users who already played it (a train song).
-        Returns a Ranking of user ids, scores ``x_u . y / |y|``.
+        ``exclude_played`` leaves out the users who already played it (a train song). Returns a
+        Ranking of user ids, scores: mutual proximity (module docstring), or ``x_u . y / |y|`` if
+        ``raw``.
         """
         if not self.factors.has_users:
             raise DataError("this run has song factors but no user factors (imported without --users): "
@@ -236,22 +257,24 @@ class Recommender:
         listeners = ()
         if exclude_played and track in self._warm_row:
             listeners = self.factors.user_ids[self._row_cols(self._listeners, self._warm_row[track])]
-        return Ranking(*self._users.query(y, n, exclude=listeners))
+        return Ranking(*self._user_group.scores(y, n, listeners, mode="raw" if raw else "mutual"))
 
-    def similar(self, song: Query, n: int = 10, *, calibrate: bool = False) -> Ranking:
-        """A playlist of ``n`` songs like ``song`` (a track id or an audio file), by cosine similarity.
+    def similar(self, song: Query, n: int = 10, *, raw: bool = False) -> Ranking:
+        """A playlist of ``n`` songs like ``song`` (a track id or an audio file).
 
-        A track id comes first (cosine 1) followed by its ``n - 1`` nearest songs; an audio file's
+        A track id comes first (score 1) followed by its ``n - 1`` nearest songs; an audio file's
         playlist is its ``n`` nearest songs (the file's own track first when it is in the run).
-        ``calibrate`` merges warm and cold songs by z-score within each group, as in :meth:`recommend`
-        (a new file's raw neighbours are mostly other audio-predicted, cold songs).
+        By default songs are scored by mutual proximity (module docstring), which also merges warm
+        and cold songs fairly (a new file's raw neighbours are mostly other audio-predicted, cold
+        songs); ``raw``: by cosine alone.
         """
         y, track = self._song_vector(song)
+        options = {"mode": "raw" if raw else "mutual"}
         if track is None:
-            return Ranking(*self._nearest_songs(y, n, calibrate=calibrate))
+            return Ranking(*self._nearest_songs(y, n, **options))
         ids, scores = np.array([track]), np.ones(1, dtype=np.float32)
         if n > 1:
-            others, other_scores = self._nearest_songs(y, n - 1, exclude=[track], calibrate=calibrate)
+            others, other_scores = self._nearest_songs(y, n - 1, exclude=[track], **options)
             ids, scores = np.concatenate([ids, others]), np.concatenate([scores, other_scores])
         return Ranking(ids, scores)
 
@@ -336,17 +359,13 @@ class Recommender:
         *,
         exclude=(),
         include_cold: bool = True,
-        calibrate: bool = False,
+        mode: str = "mutual",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``n`` warm and cold songs best aligned with ``x`` (k,): ids and cosines (or z-scores)."""
-        groups = [(self._songs_warm, self._warm_moments)]
-        if include_cold:
-            groups.append((self._songs_cold, self._cold_moments))
-        parts = [(index.query(x, n, exclude=exclude), moments) for index, moments in groups]
-        if not calibrate:
-            return _merge([part for part, _ in parts], n)
+        """The ``n`` warm and cold songs best aligned with ``x`` (k,): ids and scores of ``mode``
+        (:meth:`_Group.scores`)."""
         direction = x / max(float(np.linalg.norm(x)), 1e-12)
-        return _merge([(ids, m.standardise(direction, cos)) for (ids, cos), m in parts], n)
+        groups = self._groups[: 2 if include_cold else 1]
+        return _merge([group.scores(direction, n, exclude, mode=mode) for group in groups], n)
 
     def _song_vector(self, song: Query) -> tuple[np.ndarray, str | None]:
         """(k,) unit factors of a song and its track id (None for an audio file)."""
@@ -405,24 +424,39 @@ class Recommender:
         return index
 
 
-@dataclass(frozen=True)
-class _Moments:
-    """Mean (k,) and covariance (k, k) of a group of unit song vectors."""
+class _Group:
+    """Songs (warm or cold) or users: their index and vectors, scored for a query in one of three modes.
 
-    mean: np.ndarray
-    cov: np.ndarray
+    * ``raw``: the index's similarity (cosine or inner product);
+    * ``calibrated``: its z-score among the query's similarities to the whole group (fair merge);
+    * ``mutual``: mutual proximity, that z-score's normal CDF times that of the z-score of the same
+      similarity among the candidate's similarities to the ``queries`` (:mod:`sonicrec.hubness`).
+    """
 
-    @classmethod
-    def of(cls, vectors: np.ndarray) -> _Moments:
-        k = vectors.shape[1]
-        if len(vectors) < 2:
-            return cls(np.zeros(k), np.eye(k))
-        return cls(vectors.mean(axis=0), np.cov(vectors, rowvar=False))
+    def __init__(self, index: VectorIndex, vectors: np.ndarray, queries: Moments) -> None:
+        self.index, self.vectors, self.queries = index, vectors, queries
+        self.moments = Moments.of(vectors)
+        self._row = {s: r for r, s in enumerate(index.ids.tolist())}
 
-    def standardise(self, direction: np.ndarray, cosines: np.ndarray) -> np.ndarray:
-        """z-scores of ``direction . y`` over the group's songs y, for the given cosines."""
-        std = np.sqrt(max(float(direction @ self.cov @ direction), 1e-12))
-        return ((cosines - direction @ self.mean) / std).astype(np.float32)
+    def scores(self, query: np.ndarray, n: int, exclude, *, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` best ids for ``query`` (k,) and their scores, best first."""
+        if mode != "mutual":
+            ids, sims = self.index.query(query, n, exclude=exclude)
+            return ids, sims if mode == "raw" else self.moments.z_scores(query, sims)
+        ids, sims = self.index.query(query, _pool(self.index, n), exclude=exclude)
+        candidates = self.vectors[[self._row[i] for i in ids.tolist()]]
+        if self.index.metric == "cosine":
+            candidates = unit_rows(candidates)
+        mp = mutual_proximity(self.moments.z_scores(query, sims), self.queries.z_scores(candidates, sims))
+        if self.index.metric == "cosine":
+            mp[sims >= _SAME_SONG] = 1.0  # the query's own recording (an upload of a catalog song) first
+        order = np.argsort(-mp, kind="stable")[:n]
+        return ids[order], mp[order]
+
+
+def _pool(index: VectorIndex, n: int) -> int:
+    """How many raw neighbours to re-rank: all of an exact index, else a generous multiple of n."""
+    return len(index) if index.backend == "exact" else max(4 * n, 100)
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
