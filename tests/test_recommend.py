@@ -195,7 +195,7 @@ def test_load_from_run_dir_and_cache_large_indexes(tmp_path, world):
     # exact_below=0: every index is an HNSW graph, cached in RUN/index
     cfg = Config(index=IndexConfig(exact_below=0, m=8, ef_construction=64, ef=200))
     run = _write_run(tmp_path / "run", world, cfg if voyager_available() else None)
-    rec = Recommender.load(run.root)
+    rec = Recommender.load(run.root, warmup_below=0)  # without the warm-up blend (test_warmup.py)
     reference = _recommender(world)  # exact search
     assert rec.recommend("u04", 10).ids.tolist() == reference.recommend("u04", 10).ids.tolist()
     assert rec.metadata(["t01", "missing"]) == [
@@ -206,7 +206,7 @@ def test_load_from_run_dir_and_cache_large_indexes(tmp_path, world):
         cache = run.index / "cnn-mse"
         assert sorted(p.name for p in cache.iterdir()) == ["songs-cold.npz", "songs-train.npz", "users.npz"]
         stamps = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
-        Recommender.load(run.root)  # the second load reuses the cache
+        Recommender.load(run.root, warmup_below=0)  # the second load reuses the cache
         assert stamps == {p: p.stat().st_mtime_ns for p in cache.iterdir()}
     with pytest.raises(DataError, match="'cnn-wpe'.*cnn-mse"):
         Recommender.load(run.root, "cnn-wpe")
@@ -216,8 +216,12 @@ def test_cli_commands(tmp_path, world, capsys):
     run = _write_run(tmp_path / "run", world)
     assert main(["-q", "recommend", str(run.root), "--user", "u02", "--n", "5", "--json", "--outliers"]) == 0
     out = json.loads(capsys.readouterr().out)
-    reference = _recommender(world).recommend("u02", 5)
+    reference = Recommender.load(run.root).recommend("u02", 5)
     assert [r["track_id"] for r in out["results"]] == reference.ids.tolist()
+    assert main(["-q", "recommend", str(run.root), "--user", "u02", "--n", "5", "--json",
+                 "--blend-below", "0"]) == 0
+    unblended = _recommender(world).recommend("u02", 5)
+    assert [r["track_id"] for r in json.loads(capsys.readouterr().out)["results"]] == unblended.ids.tolist()
     first = out["results"][0]
     assert first["title"] == f"Title {first['track_id']}" and "outlier_score" in first
     assert main(["-q", "similar", str(run.root), "t07", "--n", "4"]) == 0

@@ -338,6 +338,18 @@ def _add_ranking_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--raw", action="store_true",
                    help="raw scores: no fair merge of played and never-played songs, no hubness reduction")
+    p.add_argument(
+        "--blend-below", type=_nonnegative_int, metavar="N",
+        help="place train songs with fewer than N listeners, and new songs with plays, by the warm-up "
+        "blend of their plays and their audio (default 50; 0: CF factors and predictions as they are)",
+    )
+
+
+def _load_recommender(args: argparse.Namespace):
+    from sonicrec.recommend import Recommender
+
+    options = {} if args.blend_below is None else {"warmup_below": args.blend_below}
+    return Recommender.load(args.run_dir, args.model, show_progress=args.progress, **options)
 
 
 def _show_ranking(args: argparse.Namespace, rec, ranking, query: str, columns: dict) -> None:
@@ -384,9 +396,7 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_recommend(args: argparse.Namespace) -> None:
-    from sonicrec.recommend import Recommender
-
-    rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
+    rec = _load_recommender(args)
     ranking = rec.recommend(
         args.user, args.n, include_cold=not args.warm_only, exclude_played=not args.include_played,
         raw=args.raw,
@@ -412,9 +422,7 @@ def _add_audience(sub: argparse._SubParsersAction) -> None:
 
 def _run_song_query(args: argparse.Namespace) -> None:
     """``audience`` and ``similar``: a Recommender question about one song or audio file."""
-    from sonicrec.recommend import Recommender
-
-    rec = Recommender.load(args.run_dir, args.model, show_progress=args.progress)
+    rec = _load_recommender(args)
     ranking = getattr(rec, args.command)(args.song, args.n, raw=args.raw)
     _show_ranking(args, rec, ranking, args.song, {})
 

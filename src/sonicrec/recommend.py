@@ -45,6 +45,7 @@ from sonicrec.factors import Factors, unit_rows
 from sonicrec.hubness import Moments, mutual_proximity
 from sonicrec.index import VectorIndex
 from sonicrec.rundir import RunDir
+from sonicrec.warmup import DEFAULT_BELOW
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class Recommender:
     index_config : nearest-neighbour search parameters
     index_dir : where indexes too large for exact search are cached (None: not cached)
     show_progress : progress bars while building large indexes
+    blended : (ids (n,) str, vectors (n, k)): songs placed by the warm-up blend of their first
+        plays and their audio (:mod:`sonicrec.warmup`) instead of their CF factors or prediction
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class Recommender:
         index_config: IndexConfig | None = None,
         index_dir: Path | None = None,
         show_progress: bool = False,
+        blended: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         predicted_ids = np.asarray(predicted_ids).astype(str)
         predicted_factors = np.asarray(predicted_factors, dtype=np.float32)
@@ -149,6 +153,7 @@ class Recommender:
         self._warm_row = {s: r for r, s in enumerate(self.warm_ids.tolist())}
         self._cold_row = {s: r for r, s in enumerate(self.cold_ids.tolist())}
         self._cold_unit = self._predicted_unit[is_cold]
+        self.blended_ids = self._place_blended(blended)
 
         self._songs_warm = self._index("songs-train", self.warm_ids, self._warm_unit, "cosine")
         self._songs_cold = self._index("songs-cold", self.cold_ids, self._cold_unit, "cosine")
@@ -162,6 +167,20 @@ class Recommender:
         self._plays = _plays_matrix(plays, factors.user_ids, self.warm_ids)  # (U, W) CSR
         self._listeners = self._plays.T.tocsr()  # (W, U)
 
+    def _place_blended(self, blended: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """Put the warm-up blend's vectors in place of the songs' own; returns their ids."""
+        if blended is None:
+            return np.empty(0, dtype=str)
+        ids, vectors = np.asarray(blended[0]).astype(str), unit_rows(np.asarray(blended[1], np.float32))
+        for song, vector in zip(ids.tolist(), vectors, strict=True):
+            if song in self._warm_row:
+                self._warm_unit[self._warm_row[song]] = vector
+            elif song in self._cold_row:
+                self._cold_unit[self._cold_row[song]] = vector
+            else:
+                raise self._unknown_song(song)
+        return ids
+
     @classmethod
     def load(
         cls,
@@ -170,13 +189,18 @@ class Recommender:
         *,
         predictor: AudioPredictor | None = None,
         show_progress: bool = False,
+        warmup_below: int = DEFAULT_BELOW,
     ) -> Recommender:
         """The Recommender of a run directory, with the predicted factors of model ``model``.
 
         Audio-file queries use ``predictor`` if given, else the model's checkpoint (loaded lazily).
+        Train songs with fewer than ``warmup_below`` listeners, and songs outside the CF factors that
+        have plays, are placed by the warm-up blend of their plays and their audio
+        (:func:`sonicrec.warmup.warmup_vectors`); 0 turns the blend off.
         """
         from sonicrec.evaluate import load_predictions
         from sonicrec.interactions import read_plays
+        from sonicrec.warmup import warmup_vectors
 
         run = RunDir(run_dir)
         config = run.read_config()
@@ -190,18 +214,24 @@ class Recommender:
                 + (f" or choose one of: {', '.join(known)}" if known else "")
             )
         predicted_ids, predicted = load_predictions(path, factors.n_factors)
+        plays = (read_plays(run.plays, fmt="parquet", show_progress=show_progress) if run.plays.is_file()
+                 else pd.DataFrame({"user_id": [], "track_id": [], "count": []}))  # imported factors
+        blended = None
+        if warmup_below > 0:
+            blended = warmup_vectors(factors, predicted_ids, predicted, plays, config.cf,
+                                     below=warmup_below, seed=config.cf.seed)
         return cls(
             factors,
             predicted_ids,
             predicted,
-            read_plays(run.plays, fmt="parquet", show_progress=show_progress) if run.plays.is_file()
-            else pd.DataFrame({"user_id": [], "track_id": []}),  # imported factors need no plays
+            plays,
             catalog=run.catalog if run.catalog.exists() else None,
             predictor=predictor,
             checkpoint=run.model / model / "checkpoint.pt",
             index_config=config.index,
             index_dir=run.index / model,
             show_progress=show_progress,
+            blended=blended,
         )
 
     # --- the four questions -------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""Warm-up blending: a song with its first plays is placed by its sound and its listeners together.
+
+A new release collects its first plays within hours. Its CF factor folded in from those plays
+(WMF's half-step with the user factors fixed) is noisy; the CNN's prediction from its audio is
+the same quality whatever the plays. Both are estimates of one direction in the latent space,
+each with an uncertainty, and they are combined by their precisions.
+
+CF, read as a Gaussian model (the WMF objective is its negative log-posterior)::
+
+    A_i = X'X + sum_{u plays i} (c_ui - 1) x_u x_u' + lambda I      (k, k): posterior precision
+    y_i = A_i^{-1} b_i,  b_i = sum_{u plays i} c_ui x_u                 the fold-in (cf.fold_in_songs)
+
+so y_i has covariance ``tau A_i^{-1}`` (tau: the unknown noise scale of WMF's squared error), and
+its direction ``d_i = y_i / |y_i|`` about ``tau A_i^{-1} / |y_i|^2`` (first order). The audio
+direction ``p_i`` (the model's unit-norm prediction) has error ``d_true - p``, whose second-moment
+matrix ``S`` is measured on the validation songs (never trained on). The blend is the
+precision-weighted mean, normalised::
+
+    z_i = (w_i A_i + S^{-1})^{-1} (w_i A_i d_i + S^{-1} p_i),   w_i = |y_i|^2 / tau
+
+With no plays w_i = 0 and the song is placed by its sound alone; as plays accrue, A_i and |y_i| grow
+and the listeners take over. tau is fitted on the validation songs: their listeners are revealed
+a few at a time (:data:`CALIBRATION_REVEALS`, seeded) and tau minimises the mean squared distance
+between the blend and the direction of the song's fold-in from all its plays.
+
+:func:`warmup_vectors` applies this to a run: train songs with fewer than ``below`` listeners
+(their WMF factors rest on few plays) and songs outside the CF factors that have plays (new
+releases: their plays were appended to the play log after the factors were fitted). Held-out
+valid/test songs are not touched: their plays are the evaluation's ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from sonicrec.cf import confidence
+from sonicrec.config import CFConfig
+from sonicrec.errors import DataError
+from sonicrec.factors import Factors, unit_rows
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BELOW = 50  # listeners under which a train song's CF factor is blended with its audio
+CALIBRATION_REVEALS = (1, 2, 5, 10, 20)  # listeners revealed per validation song to fit tau
+TAUS = np.logspace(-3, 4, 29)  # candidate noise scales of the CF fold-in
+_RIDGE = 1e-6  # added to the audio error matrix before inverting it
+
+
+@dataclass(frozen=True)
+class FoldIn:
+    """Fold-in posteriors of n songs. factors : (n, k) float64 means; precision : (n, k, k)."""
+
+    factors: np.ndarray
+    precision: np.ndarray
+
+
+def fold_in_posterior(user_factors: np.ndarray, counts: sparse.spmatrix, cfg: CFConfig) -> FoldIn:
+    """The fold-in of songs from their plays and its precision (module docstring).
+
+    Parameters
+    ----------
+    user_factors : (U, k) fixed user factors
+    counts : (U, n) play counts of the n songs (a song without plays gets y = 0, A = X'X + lambda I)
+    """
+    x = np.asarray(user_factors, dtype=np.float64)
+    counts = sparse.csc_matrix(counts)
+    if counts.shape[0] != x.shape[0]:
+        raise DataError(f"fold-in: {counts.shape[0]} users in the plays, {x.shape[0]} user factors")
+    k, n = x.shape[1], counts.shape[1]
+    gram = x.T @ x + cfg.regularization * np.eye(k)
+    precision = np.broadcast_to(gram, (n, k, k)).copy()
+    rhs = np.zeros((n, k))
+    for j in range(n):
+        rows = counts.indices[counts.indptr[j] : counts.indptr[j + 1]]
+        if len(rows) == 0:
+            continue
+        c = confidence(counts.data[counts.indptr[j] : counts.indptr[j + 1]], alpha=cfg.alpha,
+                       epsilon=cfg.epsilon).astype(np.float64)
+        xi = x[rows]  # (m, k)
+        precision[j] += (xi * (c - 1.0)[:, None]).T @ xi
+        rhs[j] = xi.T @ c
+    return FoldIn(np.linalg.solve(precision, rhs[..., None])[..., 0], precision)
+
+
+@dataclass(frozen=True)
+class WarmupBlend:
+    """The blend's two uncertainties: the audio error precision S^{-1} (k, k) and the CF scale tau."""
+
+    audio_precision: np.ndarray
+    tau: float
+
+    def blend(self, fold: FoldIn, predicted: np.ndarray) -> np.ndarray:
+        """(n, k) unit directions of n songs from their fold-ins and (n, k) audio predictions."""
+        p = unit_rows(np.asarray(predicted, dtype=np.float64)).astype(np.float64)
+        y, a, q = fold.factors, fold.precision, self.audio_precision
+        norm = np.linalg.norm(y, axis=1)  # (n,)
+        w = norm**2 / self.tau
+        d = y / np.maximum(norm, 1e-12)[:, None]
+        system = w[:, None, None] * a + q  # (n, k, k)
+        rhs = w[:, None] * np.einsum("nij,nj->ni", a, d) + p @ q.T  # (n, k)
+        return unit_rows(np.linalg.solve(system, rhs[..., None])[..., 0])
+
+    @classmethod
+    def fit(
+        cls,
+        user_factors: np.ndarray,
+        counts: sparse.spmatrix,
+        predicted: np.ndarray,
+        cfg: CFConfig,
+        *,
+        reveals: tuple[int, ...] = CALIBRATION_REVEALS,
+        seed: int = 0,
+    ) -> WarmupBlend:
+        """Measure the audio error and fit tau on validation songs (module docstring).
+
+        Parameters
+        ----------
+        user_factors : (U, k)
+        counts : (U, n) all plays of n validation songs; their full fold-in is the truth
+        predicted : (n, k) the audio model's predictions of those songs
+        """
+        counts = sparse.csc_matrix(counts)
+        truth = unit_rows(fold_in_posterior(user_factors, counts, cfg).factors).astype(np.float64)
+        played = np.diff(counts.indptr) > 0
+        if played.sum() < 2:
+            raise DataError("warm-up blending needs at least 2 validation songs with plays to calibrate")
+        error = truth[played] - unit_rows(np.asarray(predicted, dtype=np.float64)[played])
+        second_moment = error.T @ error / len(error) + _RIDGE * np.eye(error.shape[1])
+        audio = cls(np.linalg.inv(second_moment), 1.0)
+        rng = np.random.default_rng(seed)
+        trials = []  # (fold-in from a few listeners, prediction, truth) per reveal level
+        for m in reveals:
+            songs = np.flatnonzero(np.diff(counts.indptr) > m)
+            if len(songs) == 0:
+                continue
+            revealed, _ = reveal_listeners(counts[:, songs], m, rng)
+            trials.append((fold_in_posterior(user_factors, revealed, cfg), predicted[songs], truth[songs]))
+        if not trials:
+            raise DataError("warm-up blending: no validation song has more listeners than are revealed")
+        losses = [
+            np.mean(np.concatenate([np.sum((cls(audio.audio_precision, t).blend(f, p) - d) ** 2, axis=1)
+                                    for f, p, d in trials]))
+            for t in TAUS
+        ]
+        tau = float(TAUS[int(np.argmin(losses))])
+        log.info("warm-up blend: tau %.3g fitted on %d validation songs", tau, int(played.sum()))
+        return cls(audio.audio_precision, tau)
+
+
+def reveal_listeners(
+    counts: sparse.spmatrix, m: int, rng: np.random.Generator
+) -> tuple[sparse.csc_matrix, sparse.csc_matrix]:
+    """Split each song's listeners: ``m`` drawn at random (all when fewer) and the rest.
+
+    counts : (U, n) play counts. Returns (revealed, remaining), both (U, n) with the same counts.
+    """
+    counts = sparse.csc_matrix(counts)
+    keep = np.zeros(counts.nnz, dtype=bool)
+    for j in range(counts.shape[1]):
+        lo, hi = counts.indptr[j], counts.indptr[j + 1]
+        keep[lo + rng.permutation(hi - lo)[:m]] = True
+    revealed, remaining = counts.copy(), counts.copy()
+    revealed.data = np.where(keep, counts.data, 0)
+    remaining.data = np.where(keep, 0, counts.data)
+    revealed.eliminate_zeros()
+    remaining.eliminate_zeros()
+    return revealed, remaining
+
+
+def play_counts(plays: pd.DataFrame, user_ids: np.ndarray, song_ids: np.ndarray) -> sparse.csc_matrix:
+    """(U, S) play counts of ``song_ids`` by ``user_ids`` from a plays table (others left out)."""
+    users = pd.Index(user_ids).get_indexer(plays["user_id"].astype(str))
+    songs = pd.Index(song_ids).get_indexer(plays["track_id"].astype(str))
+    keep = (users >= 0) & (songs >= 0)
+    counts = plays["count"].to_numpy(np.float64)[keep] if "count" in plays else np.ones(int(keep.sum()))
+    matrix = sparse.csc_matrix((counts, (users[keep], songs[keep])), shape=(len(user_ids), len(song_ids)))
+    matrix.sum_duplicates()
+    return matrix
+
+
+def warmup_vectors(
+    factors: Factors,
+    predicted_ids: np.ndarray,
+    predicted: np.ndarray,
+    plays: pd.DataFrame,
+    cfg: CFConfig,
+    *,
+    below: int = DEFAULT_BELOW,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Blended unit vectors of a run's warming-up songs (module docstring): ids (n,), (n, k).
+
+    None when the run cannot blend: no user factors, no plays, or no validation songs with
+    predictions and plays to calibrate on.
+    """
+    predicted_ids = np.asarray(predicted_ids).astype(str)
+    if not factors.has_users or len(plays) == 0:
+        return None
+    valid = factors.songs("valid")
+    valid = valid[np.isin(valid, predicted_ids)]
+    row = pd.Index(predicted_ids)
+    try:
+        blend = WarmupBlend.fit(factors.user_factors, play_counts(plays, factors.user_ids, valid),
+                                predicted[row.get_indexer(valid)], cfg, seed=seed)
+    except DataError as exc:
+        log.warning("no warm-up blending: %s", exc)
+        return None
+    train = factors.songs("train")
+    candidates = np.concatenate([train[np.isin(train, predicted_ids)],
+                                 predicted_ids[~np.isin(predicted_ids, factors.song_ids)]])
+    counts = play_counts(plays, factors.user_ids, candidates)
+    listeners = np.diff(counts.indptr)
+    is_new = ~np.isin(candidates, factors.song_ids)
+    chosen = (listeners > 0) & (is_new | (listeners < below))
+    if not chosen.any():
+        return None
+    fold = fold_in_posterior(factors.user_factors, counts[:, np.flatnonzero(chosen)], cfg)
+    ids = candidates[chosen]
+    log.info("warm-up blend: %d songs with fewer than %d listeners or new", len(ids), below)
+    return ids, blend.blend(fold, predicted[row.get_indexer(ids)])
