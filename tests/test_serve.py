@@ -238,6 +238,7 @@ def test_upload_places_a_new_file_like_its_cold_original(client, world, tmp_path
     similar = [h["track_id"] for h in body["similar"]]
     assert similar == _expected_similar(world, tmp_path / "copy5.wav", 5) and similar[0] == "t05"
     assert body["similar"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert body["familiarity"] is None  # the test model has no familiarity model (predict_run fits one)
     assert len(body["audience"]) == 5 and body["audience"][0]["rank"] == 1
     # it lands on the map exactly where t05 is
     m = client.get("/api/map").json()

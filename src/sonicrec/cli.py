@@ -352,8 +352,11 @@ def _load_recommender(args: argparse.Namespace):
     return Recommender.load(args.run_dir, args.model, show_progress=args.progress, **options)
 
 
-def _show_ranking(args: argparse.Namespace, rec, ranking, query: str, columns: dict) -> None:
-    """Print a Ranking with catalog metadata (songs) as a table or JSON; ``columns`` adds fields."""
+def _show_ranking(
+    args: argparse.Namespace, rec, ranking, query: str, columns: dict, familiarity: dict | None = None
+) -> None:
+    """Print a Ranking with catalog metadata (songs) as a table or JSON; ``columns`` adds fields;
+    ``familiarity``: how familiar an audio-file query is to the model (Recommender.familiarity)."""
     import json
 
     songs = args.command != "audience"
@@ -367,10 +370,14 @@ def _show_ranking(args: argparse.Namespace, rec, ranking, query: str, columns: d
         row.update({name: values[i] for name, values in columns.items()})
         rows.append(row | info[i])
     if args.json:
-        print(json.dumps({"command": args.command, "query": query, "model": args.model, "results": rows},
-                         indent=2))
+        out = {"command": args.command, "query": query, "model": args.model, "results": rows}
+        print(json.dumps(out | ({"familiarity": familiarity} if familiarity else {}), indent=2))
         return
     print(f"{args.command} {query} (model {args.model}):")
+    if familiarity:
+        verdict = "familiar" if familiarity["familiar"] else f"UNFAMILIAR: {familiarity['message']}"
+        print(f"  {verdict} (distance {familiarity['distance']} from the training songs, threshold "
+              f"{familiarity['threshold']}; farther than {familiarity['percentile']}% of held-out songs)")
     for row in rows:
         title = " - ".join(str(row[k]) for k in ("title", "artist") if row.get(k))
         where = f" ({row['collection']})" if row.get("collection") else ""
@@ -424,7 +431,7 @@ def _run_song_query(args: argparse.Namespace) -> None:
     """``audience`` and ``similar``: a Recommender question about one song or audio file."""
     rec = _load_recommender(args)
     ranking = getattr(rec, args.command)(args.song, args.n, raw=args.raw)
-    _show_ranking(args, rec, ranking, args.song, {})
+    _show_ranking(args, rec, ranking, args.song, {}, rec.familiarity(args.song))
 
 
 def _add_similar(sub: argparse._SubParsersAction) -> None:
@@ -751,15 +758,21 @@ def _run_predict(args: argparse.Namespace) -> None:
             raise DataError(f"{stems[path.stem]} and {path} would get the same id {path.stem!r}: rename one")
         stems[path.stem] = path
 
+    from sonicrec.familiarity import UNFAMILIAR_MESSAGE
     from sonicrec.io import atomic_save_npz
     from sonicrec.predict import Predictor
 
     predictor = Predictor.load(args.checkpoint or run.model / args.name / "checkpoint.pt")
-    factors = predictor.predict_files(
+    factors, familiarity = predictor.assess_files(
         args.audio, batch_size=args.batch_size, workers=args.workers, show_progress=args.progress
     )
-    atomic_save_npz(args.out, song_ids=list(stems), factors=factors)
+    extra = {} if familiarity is None else {
+        "familiarity_distance": familiarity.distance, "familiar": familiarity.familiar}
+    atomic_save_npz(args.out, song_ids=list(stems), factors=factors, **extra)
     print(f"written: {args.out} ({len(stems)} tracks x {factors.shape[1]} factors)")
+    if familiarity is not None and not familiarity.familiar.all():
+        strange = [s for s, ok in zip(stems, familiarity.familiar.tolist(), strict=True) if not ok]
+        print(f"{len(strange)} of {len(stems)} files are {UNFAMILIAR_MESSAGE} ({', '.join(strange[:5])})")
 
 
 # --- analyse ------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class AudioCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, n_mels, T) log-mel, any float dtype
+        return self.output(self.embed(x))  # (B, k)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer activations (B, dense_units[-1]) of log-mels (B, n_mels, T); the output
+        layer is linear, so ``forward(x) == output(embed(x))`` (the paper variant averages windows)."""
         n_mels, frames = x.shape[1], x.shape[2]
         if n_mels != self.cfg.n_mels:
             raise DataError(f"input has {n_mels} mel bands, the model expects {self.cfg.n_mels}")
@@ -89,11 +94,11 @@ class AudioCNN(nn.Module):
             raise DataError(f"input has {frames} frames, the model needs at least {self.cfg.min_frames}")
         x = (self._excerpt_norm(x.float()) - self.band_mean[:, None]) / self.band_std[:, None]  # (B, M, T)
         if self.cfg.architecture == "blog" or frames <= self.cfg.window_frames:
-            return self._excerpt(x)  # (B, k)
+            return self._excerpt(x)  # (B, D)
         windows = x.unfold(2, self.cfg.window_frames, self.cfg.window_hop)  # (B, M, W, window)
         batch, n_windows = windows.shape[0], windows.shape[2]
         windows = windows.permute(0, 2, 1, 3).reshape(batch * n_windows, n_mels, -1)  # (B*W, M, window)
-        return self._excerpt(windows).view(batch, n_windows, -1).mean(dim=1)  # (B, k)
+        return self._excerpt(windows).view(batch, n_windows, -1).mean(dim=1)  # (B, D)
 
     def _excerpt_norm(self, x: torch.Tensor) -> torch.Tensor:
         """Per-excerpt standardisation of ``model.input_norm`` "excerpt" / "excerpt-band" (else x)."""
@@ -109,5 +114,4 @@ class AudioCNN(nn.Module):
     def _excerpt(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)  # (B, C, T'), T' = 32 for the default model on 599 frames
         h = self.pool(h)  # (B, 3C)
-        h = self.dense(h)  # (B, dense_units[-1])
-        return self.output(h)  # (B, n_factors)
+        return self.dense(h)  # (B, dense_units[-1])

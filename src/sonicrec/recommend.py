@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 Query = str | Path  # a track id, or the path of an audio file
 _MAD_FLOOR = 0.01  # smallest spread (cosine distance) used by flag_outliers' robust z-score
 _SAME_SONG = 1 - 1e-5  # cosine above which two factor vectors are one recording's
+_REMEMBERED_FILES = 64  # audio files whose familiarity the Recommender keeps
 
 
 class Ranking(NamedTuple):
@@ -81,7 +82,8 @@ class OutlierFlags:
 
 
 class AudioPredictor(Protocol):
-    """What the Recommender needs of :class:`sonicrec.predict.Predictor`."""
+    """What the Recommender needs of :class:`sonicrec.predict.Predictor` (which also has
+    ``assess_files``, used when present, for :meth:`Recommender.familiarity`)."""
 
     def predict_files(self, paths: list[Path]) -> np.ndarray: ...
 
@@ -134,6 +136,7 @@ class Recommender:
         self._config = index_config or IndexConfig()
         self._index_dir = index_dir
         self._show_progress = show_progress
+        self._familiarity: dict[str, dict[str, Any] | None] = {}  # recent audio files' (familiarity)
 
         # audio-predicted factors of every song that has them (flag_outliers, cold songs)
         self._predicted_unit = unit_rows(predicted_factors)
@@ -308,6 +311,19 @@ class Recommender:
             ids, scores = np.concatenate([ids, others]), np.concatenate([scores, other_scores])
         return Ranking(ids, scores)
 
+    def familiarity(self, song: Query) -> dict[str, Any] | None:
+        """How far an audio file lies from the songs the model trained on (``FamiliarityScores.as_dict``:
+        distance, threshold, percentile, familiar, and a message when unfamiliar); None for a track
+        id of the run, or a model without a familiarity model. Remembers the last files asked about,
+        so asking after :meth:`similar` or :meth:`audience` does not predict again.
+        """
+        if isinstance(song, str) and (song in self._warm_row or song in self._cold_row):
+            return None
+        key = str(Path(song).resolve())
+        if key not in self._familiarity:
+            self._song_vector(song)
+        return self._familiarity.get(key)
+
     def flag_outliers(self, user_recs: Ranking | list[str], *, threshold: float = 3.0) -> OutlierFlags:
         """Flag the songs of a list (e.g. CF recommendations) whose sound is far from the rest.
 
@@ -406,8 +422,15 @@ class Recommender:
         path = Path(song)
         if not path.is_file():
             raise self._unknown_song(str(song))
-        predicted = np.asarray(self.predictor.predict_files([path]), dtype=np.float32)
-        return unit_rows(predicted.reshape(1, -1))[0], None
+        assess = getattr(self.predictor, "assess_files", None)
+        if assess is None:
+            predicted, scores = self.predictor.predict_files([path]), None
+        else:
+            predicted, scores = assess([path])
+        while len(self._familiarity) >= _REMEMBERED_FILES:
+            self._familiarity.pop(next(iter(self._familiarity)))
+        self._familiarity[str(path.resolve())] = None if scores is None else scores.as_dict(0)
+        return unit_rows(np.asarray(predicted, dtype=np.float32).reshape(1, -1))[0], None
 
     def _unknown_song(self, song: str) -> UnknownIdError:
         return UnknownIdError(

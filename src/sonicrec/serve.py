@@ -161,7 +161,7 @@ class LogMelModel(Protocol):
 
     config: Config
 
-    def predict_logmel(self, x: np.ndarray) -> np.ndarray: ...
+    def assess_logmel(self, x: np.ndarray) -> tuple[np.ndarray, Any]: ...
 
 
 class UploadPredictor:
@@ -189,6 +189,7 @@ class UploadPredictor:
         self._model = model
         self._worker: DecodeWorker | None = None
         self._placed: dict[Path, np.ndarray] = {}
+        self._familiarity: dict[Path, dict[str, Any] | None] = {}
         self._load_lock = threading.RLock()
 
     @property
@@ -211,12 +212,19 @@ class UploadPredictor:
         """(k,) float32 factors of the upload at ``path``; ``name`` is what error messages call it."""
         path = self._inside(path)
         x = self.worker.logmel(path, name=name)  # (n_mels, n_frames)
-        factors = np.asarray(self.model.predict_logmel(x[None]), dtype=np.float32)[0]
+        factors, familiarity = self.model.assess_logmel(x[None])
+        factors = np.asarray(factors, dtype=np.float32)[0]
         self._placed[path] = factors
+        self._familiarity[path] = None if familiarity is None else familiarity.as_dict(0)
         return factors
+
+    def familiarity(self, path: Path) -> dict[str, Any] | None:
+        """How familiar a placed upload is to the model (``FamiliarityScores.as_dict``), or None."""
+        return self._familiarity.get(self._inside(path))
 
     def forget(self, path: Path) -> None:
         self._placed.pop(Path(path).resolve(), None)
+        self._familiarity.pop(Path(path).resolve(), None)
 
     def predict_files(self, paths: list[Path]) -> np.ndarray:
         """(len(paths), k) float32 factors of uploaded files (remembered ones are not decoded again)."""
@@ -425,6 +433,7 @@ class UploadResult(BaseModel):
     map: MapPoint | None
     similar: list[SongHit]
     audience: list[UserHit]
+    familiarity: dict[str, Any] | None = None  # distance, threshold, percentile, familiar[, message]
 
 
 class Info(BaseModel):
@@ -686,7 +695,7 @@ def create_app(
         path = uploads_root / f"{upload_id}{suffix}"
         try:
             size = await run_in_threadpool(_copy_file, file.file, path)
-            factors, similar_ranking, audience_ranking = await run_in_threadpool(
+            factors, similar_ranking, audience_ranking, familiarity = await run_in_threadpool(
                 _place_upload, rec, path, name, n
             )
         finally:
@@ -697,6 +706,7 @@ def create_app(
             upload_id=upload_id, filename=name, format=suffix.lstrip("."), size_bytes=size,
             factors=factors.tolist(), map=None if point is None else MapPoint(x=point[0], y=point[1]),
             similar=song_hits(similar_ranking), audience=user_hits(audience_ranking),
+            familiarity=familiarity,
         )
 
     # --- the page, the report, the API docs ---
@@ -725,10 +735,10 @@ class _ReportFiles(StaticFiles):
 
 def _place_upload(
     rec: Recommender, path: Path, name: str, n: int
-) -> tuple[np.ndarray, Ranking, Ranking]:
+) -> tuple[np.ndarray, Ranking, Ranking, dict[str, Any] | None]:
     """Decode and predict an upload once, then ask the Recommender about it."""
     factors = rec.predictor.place(path, name=name)  # the server's UploadPredictor
-    return factors, rec.similar(path, n), rec.audience(path, n)
+    return factors, rec.similar(path, n), rec.audience(path, n), rec.predictor.familiarity(path)
 
 
 def _copy_file(source, path: Path) -> int:

@@ -156,6 +156,12 @@ async function upload(file) {
   try {
     const body = await api("/api/upload", { n: 10 }, { method: "POST", body: form });
     status.textContent = `${body.filename}: placed by its sound (${body.factors.length} factors)`;
+    if (body.familiarity && !body.familiarity.familiar) {
+      status.textContent += ` — ${body.familiarity.message}`;  // far from the model's training songs
+      status.classList.add("warning");
+    } else {
+      status.classList.remove("warning");
+    }
     $("upload-player").src = URL.createObjectURL(file);
     fill($("upload-similar"), body.similar.map((hit) => songItem(hit)));
     fill($("upload-audience"), body.audience.map((u) => {
