@@ -8,6 +8,7 @@ import pytest
 from sonicrec.catalog import Catalog
 from sonicrec.cli import main
 from sonicrec.demo import DemoOptions, run_demo
+from sonicrec.errors import ConfigError
 from sonicrec.factors import Factors
 from sonicrec.rundir import RunDir
 
@@ -19,7 +20,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "run"
     cache = tmp_path_factory.mktemp("cache")
     options = DemoOptions.preset(
-        quick=True, n_tracks=40, n_users=200, n_plays=6000, seed=3, cache_dir=cache, show_progress=False
+        size="quick", n_tracks=40, n_users=200, n_plays=6000, seed=3, cache_dir=cache, show_progress=False
     )
     summary = run_demo(root, options)
     return RunDir(root), summary
@@ -78,3 +79,33 @@ def test_bad_seed_or_count_is_a_one_line_usage_error(argv, tmp_path, capsys):
         main(["demo", "--out", str(tmp_path / "run"), *argv])
     assert exc.value.code == 2
     assert argv[1] in capsys.readouterr().err
+
+
+def test_world_sizes(monkeypatch):
+    import torch
+
+    from sonicrec.config import ModelConfig
+    from sonicrec.demo import MEDIUM_MODEL
+    from sonicrec.interactions import split_songs
+    from sonicrec.model import AudioCNN
+    from sonicrec.render import candidate_pieces
+
+    assert DemoOptions.preset().config.demo.n_tracks == 1200  # the default world stays as it was
+    assert DemoOptions.preset(size="quick").config.demo.n_users == 1500
+    large = DemoOptions.preset(size="large", seed=5).config
+    demo = large.demo
+    assert (demo.n_tracks, demo.n_users, demo.n_plays, demo.seed) == (10_000, 50_000, 2_500_000, 5)
+    split = split_songs(demo.n_tracks, valid_fraction=large.cf.valid_fraction,
+                        test_fraction=large.cf.test_fraction, seed=5)
+    assert (split == "test").sum() >= 1000
+    assert len(candidate_pieces(5)) >= demo.n_tracks  # the corpus has enough pieces to render
+
+    def parameters(cfg: ModelConfig) -> int:
+        return sum(p.numel() for p in AudioCNN(cfg).parameters())
+
+    on_cpu = large.model if not torch.cuda.is_available() else MEDIUM_MODEL
+    assert on_cpu == MEDIUM_MODEL and 2 * parameters(ModelConfig.small()) < parameters(on_cpu) < 2_000_000
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert DemoOptions.preset(size="large").config.model == ModelConfig()  # the blog model on a GPU
+    with pytest.raises(ConfigError, match="huge"):
+        DemoOptions.preset(size="huge")

@@ -56,7 +56,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--out", type=Path, default=Path("sonicrec-demo"), help="run directory")
-    p.add_argument("--quick", action="store_true", help="small world and short training (~3 min)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", const="quick", dest="size", default="default",
+                      help="small world and short training (under a minute with cached audio)")
+    size.add_argument(
+        "--size", choices=("quick", "default", "large"), default="default",
+        help="default: 1,200 tracks, 5,000 simulated users; large: 10,000 tracks, 50,000 simulated "
+        "users, 2.5M plays (rendering ~45 CPU-minutes the first time)",
+    )
     p.add_argument("--tracks", type=_positive_int, help="number of tracks (overrides the preset)")
     p.add_argument("--users", type=_positive_int, help="number of simulated users")
     p.add_argument("--plays", type=_positive_int, help="number of simulated play events")
@@ -70,7 +77,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     from sonicrec.demo import DemoOptions, run_demo
 
     options = DemoOptions.preset(
-        quick=args.quick,
+        size=args.size,
         n_tracks=args.tracks,
         n_users=args.users,
         n_plays=args.plays,
