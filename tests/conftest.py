@@ -50,3 +50,26 @@ def tiny_world(tmp_path):
                           crop_frames=110, num_workers=0, seed=3),
     ).save(run.config)
     return run
+
+
+@pytest.fixture
+def deadline():
+    """``with deadline(s):`` fails the test with TimeoutError if its block runs longer than ``s``
+    seconds (SIGALRM: it interrupts blocking system calls such as opening a FIFO)."""
+    import contextlib
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError("the block ran past its deadline: it hangs")
+
+    @contextlib.contextmanager
+    def within(seconds: float):
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return within

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 import soundfile as sf
 
 from sonicrec.audio import (
+    Excerpt,
     band_centres,
+    excerpt_logmel,
     excerpt_samples,
     file_to_logmel,
     load_excerpt,
@@ -155,8 +158,16 @@ def make_bad_file(kind: str, directory: Path) -> Path:
         return path
     path = directory / {"empty": "empty.wav", "non-audio": "notes.ogg", "corrupt": "corrupt.mp3",
                         "silent": "silent.flac", "truncated-flac": "cut.flac", "truncated-wav": "cut.wav",
-                        "truncated-ogg": "cut.ogg", "not-finite": "nan.wav"}[kind]
-    if kind == "empty":
+                        "truncated-ogg": "cut.ogg", "not-finite": "nan.wav", "huge-float": "huge.wav",
+                        "fifo": "pipe.ogg", "dangling-link": "gone.flac"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dangling-link":
+        path.symlink_to(directory / "never-there.flac")
+    elif kind == "huge-float":  # finite float32 samples whose power overflows: +inf log-mels
+        sf.write(path, np.full(22050 * 3, 1e30, np.float32) * np.sign(tone(300, 3, 22050)), 22050,
+                 subtype="FLOAT")
+    elif kind == "empty":
         path.touch()
     elif kind == "non-audio":
         path.write_text("track_id,path\nnot,audio\n" * 50)
@@ -176,14 +187,29 @@ def make_bad_file(kind: str, directory: Path) -> Path:
 
 
 BAD_KINDS = ["missing", "directory", "empty", "non-audio", "corrupt", "silent", "truncated-flac",
-             "truncated-wav", "truncated-ogg", "not-finite"]
+             "truncated-wav", "truncated-ogg", "not-finite", "huge-float", "fifo", "dangling-link"]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
-def test_bad_files_raise_audio_error_naming_the_file(tmp_path, kind):
+def test_bad_files_raise_audio_error_naming_the_file(tmp_path, kind, deadline):
     path = make_bad_file(kind, tmp_path)
-    with pytest.raises(AudioError, match=path.name):
+    with deadline(20), pytest.raises(AudioError, match=path.name):
         load_excerpt(path, SHORT)
+
+
+def test_a_pipe_is_refused_without_being_opened(tmp_path, deadline):
+    path = make_bad_file("fifo", tmp_path)
+    with deadline(20), pytest.raises(AudioError, match=r"pipe\.ogg: not a regular file \(a pipe\)"):
+        file_to_logmel(path, SHORT)
+
+
+def test_non_finite_log_mels_are_refused(tmp_path):
+    huge = make_bad_file("huge-float", tmp_path)
+    with pytest.raises(AudioError, match=r"huge\.wav: samples reach 1e\+30"):
+        file_to_logmel(huge, SHORT)
+    overflowing = Excerpt(np.full(excerpt_samples(SHORT), 1e30, np.float32), 2.0, 0.0, False)
+    with pytest.raises(AudioError, match=r"x\.wav: the log-mel spectrogram is not finite"):
+        excerpt_logmel(overflowing, SHORT, "x.wav")
 
 
 def test_real_recordings_decode():

@@ -226,3 +226,83 @@ def test_manifest_errors_name_the_real_line_and_the_real_problem(tmp_path):
     wrong.write_text("id,file\nx,x.wav\n")
     with pytest.raises(DataError, match=r"needs a header line .* has \['id', 'file'\]"):
         read_manifest(wrong)
+
+
+def test_the_writer_refuses_non_finite_features(tmp_path):
+    x = random_features(2, SHORT)
+    x[1, 3, 4] = np.inf
+    with FeatureStoreWriter(tmp_path / "store", SHORT) as writer:
+        writer.add("fine", x[0])
+        with pytest.raises(DataError, match="'broken': its features are not finite"):
+            writer.add("broken", x[1])
+    assert FeatureStore(tmp_path / "store").track_ids == ["fine"]
+
+
+def test_a_float_file_of_huge_samples_fails_instead_of_storing_inf(tmp_path):
+    run = RunDir(tmp_path / "run")
+    make_catalog(run, 1, ["huge-float"])
+    result = ingest_run(run, SHORT, workers=1, show_progress=False)
+    assert (result.ok, result.failed) == (1, 1)
+    store = FeatureStore(run.features)
+    assert store.track_ids == ["good0"] and np.isfinite(store.get_many(store.track_ids)).all()
+
+
+def test_links_to_nothing_and_pipes_in_a_folder_are_recorded_as_failed(tmp_path, deadline):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    sf.write(lib / "fine.wav", tone(440, 3, 22050), 22050)
+    make_bad_file("dangling-link", lib)
+    make_bad_file("fifo", lib)
+    tracks = discover_tracks([lib])
+    assert [t.track_id for t in tracks] == ["fine.wav", "gone.flac", "pipe.ogg"]
+    assert tracks[1].path == str(lib.absolute() / "gone.flac")  # the link, not where it pointed
+    run = RunDir(tmp_path / "run")
+    with Catalog(run.catalog) as catalog:
+        register_tracks(catalog, tracks)
+    with deadline(60):
+        result = ingest_run(run, SHORT, workers=1, show_progress=False)
+        again = ingest_run(run, SHORT, workers=1, show_progress=False)
+    assert (result.ok, result.failed) == (1, 2) and (again.ok, again.failed) == (0, 0)
+    with Catalog(run.catalog) as catalog:
+        assert "not a regular file (a pipe)" in catalog.get("pipe.ogg").error
+        assert "gone.flac: cannot read (No such file" in catalog.get("gone.flac").error
+    with deadline(20):
+        assert [t.track_id for t in discover_tracks([lib / "pipe.ogg"])] == ["pipe.ogg"]  # given alone
+
+
+def test_workers_are_capped_by_files_and_cores(tmp_path, monkeypatch):
+    cores = features_module.os.cpu_count()
+    assert features_module.worker_count(1000, 1) == 1
+    assert features_module.worker_count(1000, 10**6) == features_module.WORKERS_PER_CORE * cores
+    assert features_module.worker_count(3, 10) == min(3, 2 * cores)
+    run = RunDir(tmp_path / "run")
+    make_catalog(run, 1, [])
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool was started for one file")
+
+    monkeypatch.setattr(features_module.multiprocessing, "get_context", no_pool)
+    assert ingest_run(run, SHORT, workers=1000, show_progress=False).ok == 1
+
+
+def test_report_escapes_names_and_offers_json(tmp_path, capsys):
+    import json
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    sf.write(lib / "song.wav", tone(300, 3, 22050), 22050)
+    (lib / "bad\nname\t.mp3").write_bytes(b"\x00" * 1000)
+    run = tmp_path / "run"
+    run.mkdir()
+    Config().replace(audio=SHORT).save(run / "config.toml")
+    assert main(["--no-progress", "ingest", str(lib), "--out", str(run), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["ingest", "--report", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1] == "1 ok, 1 failed, 0 not yet extracted"
+    track_id, path, reason = lines[0].split("\t")
+    assert track_id == "bad\\nname\\t.mp3" and path.endswith("bad\\nname\\t.mp3")
+    assert reason.startswith(path)  # the reason names the file, escaped too
+    assert main(["ingest", "--report", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["failed"][0]["track_id"] == "bad\nname\t.mp3" and report["counts"]["ok"] == 1

@@ -302,3 +302,17 @@ def test_calibrated_similar_keeps_the_query_first_and_mixes_the_groups(world):
     share = {name: np.mean([i in cold for i in r.ids[1:]]) for name, r in (("raw", raw), ("cal", calibrated))}
     assert share["raw"] == 1.0  # crowded predictions: every raw neighbour is another cold song
     assert share["cal"] < 0.8
+
+
+def test_non_finite_factors_are_never_ranked(world, tmp_path):
+    factors, predicted_ids, predicted, plays = world
+    song = tmp_path / "odd.wav"
+    song.write_bytes(b"anything: the fake predictor does not read it")
+    rec = _recommender(world, predictor=FakePredictor({"odd.wav": np.full(K, np.nan, np.float32)}))
+    for question in (rec.similar, rec.audience):
+        with pytest.raises(DataError, match=r"odd\.wav: the model's factors for it are not finite"):
+            question(str(song), 5)
+    broken = factors.user_factors.copy()
+    broken[3, 1] = np.inf
+    with pytest.raises(DataError, match="NaN/infinite"):
+        Factors(factors.user_ids, factors.song_ids, broken, factors.song_factors, factors.split)

@@ -245,3 +245,128 @@ def test_train_and_predict_a_run(tmp_path):
         train_run(run, cfg.replace(model=dataclasses.replace(cfg.model, n_factors=7)), name="x")
     with pytest.raises(ConfigError, match="model name"):
         train_run(run, cfg, name="../escape")
+
+
+# --- hardening (issue 15): corrupt checkpoints, non-finite values, the predict command -------------
+
+
+@pytest.mark.parametrize("content", [b"", np.random.default_rng(0).bytes(5000), b"PK\x03\x04" + bytes(200)],
+                         ids=["empty", "random-bytes", "zip-header"])
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "corrupt or not a sonicrec checkpoint" in message
+    assert "\n" not in message and "weights_only" not in message
+    torch.save({"format": "something-else"}, path)
+    with pytest.raises(DataError, match="corrupt or not a sonicrec checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory):
+    """A trained toy model: (checkpoint path, its store)."""
+    store, targets = toy_world()
+    result = fit_toy(tmp_path_factory.mktemp("toy"), toy_config(epochs=1), store, targets)
+    return result.checkpoint, store
+
+
+def test_non_finite_inputs_and_outputs_are_never_returned(toy_checkpoint):
+    checkpoint, store = toy_checkpoint
+    predictor = Predictor.load(checkpoint)
+    ids = store.track_ids[:6]
+    x = store.get_many(ids).astype(np.float32)
+    x[2, 5, 7] = np.inf
+    with pytest.raises(DataError, match=r"spectrogram\(s\) \[2\] of the batch are not finite"):
+        predictor.predict_logmel(x)
+    broken = MemoryStore({t: x[i] for i, t in enumerate(ids)})
+    kept, factors = predictor.predict_store(broken, batch_size=4)
+    assert kept.tolist() == ids[:2] + ids[3:] and np.isfinite(factors).all()
+    expected = predictor.predict_logmel(np.delete(x, 2, axis=0))
+    np.testing.assert_allclose(factors, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        next(predictor.model.parameters()).fill_(np.nan)
+    with pytest.raises(DataError, match="non-finite factors"):
+        predictor.predict_logmel(np.delete(x, 2, axis=0))
+
+
+def _toy_run(root, store) -> "RunDir":  # noqa: F821
+    from sonicrec.config import AudioConfig
+    from sonicrec.features import FeatureStoreWriter
+    from sonicrec.rundir import RunDir
+
+    run = RunDir(root)
+    cfg = AudioConfig(excerpt_seconds=(N_FRAMES - 1) * 1105 / 22050, n_frames=N_FRAMES)
+    with FeatureStoreWriter(run.features, cfg) as writer:
+        for track_id in store.track_ids[:10]:
+            writer.add(track_id, store.get(track_id))
+    return run
+
+
+def test_predict_catalog_uses_the_given_checkpoint_and_batch_size(tmp_path, toy_checkpoint, monkeypatch):
+    from sonicrec.cli import main
+    from sonicrec.io import load_npz
+
+    checkpoint, store = toy_checkpoint
+    run = _toy_run(tmp_path / "run", store)
+    sizes = []
+    original = Predictor.predict_store
+    monkeypatch.setattr(Predictor, "predict_store",
+                        lambda self, *a, **kw: sizes.append(kw["batch_size"]) or original(self, *a, **kw))
+    argv = ["--no-progress", "predict", str(run.root), "--catalog", "--checkpoint", str(checkpoint),
+            "--name", "toy", "--batch-size", "3"]
+    assert main(argv) == 0
+    written = load_npz(run.prediction("toy"))
+    assert sizes == [3] and written["song_ids"].tolist() == store.track_ids[:10]
+    expected = Predictor.load(checkpoint).predict_logmel(store.get_many(store.track_ids[:10]))
+    np.testing.assert_allclose(written["factors"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_files_names_clashing_stems_apart_and_reads_manifests(tmp_path):
+    from sonicrec.predict import audio_inputs
+
+    for folder in ("a", "b", "c/a"):
+        (tmp_path / folder).mkdir(parents=True)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("track_id,path\nmine,a/snow.ogg\nsnow,b/snow.ogg\n")
+    inputs = audio_inputs([tmp_path / "a" / "snow.ogg", tmp_path / "b" / "snow.ogg", manifest,
+                           tmp_path / "c" / "a" / "snow.ogg", tmp_path / "rain.ogg", tmp_path / "rain.ogg"])
+    ids = [track_id for track_id, _ in inputs]
+    assert ids == [f"{tmp_path.name}/a/snow", "b/snow", "mine", "snow", "c/a/snow", "rain", "rain#2"]
+    assert inputs[2][1] == (tmp_path / "a" / "snow.ogg").resolve()
+    with pytest.raises(DataError, match="'x' is given twice"):
+        (tmp_path / "twice.csv").write_text("track_id,path\nx,a.ogg\nx,b.ogg\n")
+        audio_inputs([tmp_path / "twice.csv"])
+
+
+def test_predict_files_records_failures_and_goes_on(tmp_path, toy_checkpoint, capsys):
+    import soundfile
+
+    from sonicrec.cli import main
+    from sonicrec.io import load_npz
+
+    checkpoint, _ = toy_checkpoint
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 22050)).astype(np.float32)
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        soundfile.write(tmp_path / folder / "snow.wav", wave, 22050)
+    (tmp_path / "bad.mp3").write_bytes(b"\x00" * 500)
+    out = tmp_path / "out.npz"
+    files = [str(tmp_path / "x" / "snow.wav"), str(tmp_path / "bad.mp3"), str(tmp_path / "y" / "snow.wav")]
+    run = str(tmp_path / "run")
+    # options before, between and after the files
+    argv = ["--no-progress", "predict", run, "--checkpoint", str(checkpoint), files[0], "--out", str(out),
+            *files[1:], "--workers", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("failed: bad\t") == 1 and "(2 tracks x 4 factors, 1 failed)" in printed
+    written = load_npz(out)
+    assert written["song_ids"].tolist() == ["x/snow", "y/snow"]
+    assert written["paths"].tolist() == [files[0], files[2]]
+    expected = Predictor.load(checkpoint).predict_files([files[0], files[2]])
+    np.testing.assert_array_equal(written["factors"], expected)
+    out.unlink()
+    assert main([*argv, "--strict"]) == 2
+    assert "bad.mp3" in capsys.readouterr().err and not out.exists()

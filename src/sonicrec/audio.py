@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".wav", ".aif", ".aiff", ".m4a")
 SILENCE_PEAK = 1e-4  # an excerpt whose peak amplitude stays below this (-80 dBFS) is silent
+MAX_PEAK = 1e4  # full scale is 1; a float file reaching this (+80 dBFS) holds no audio signal
 MAX_SHORTFALL_SECONDS = 0.5  # decoders may deliver a little less than the header announced
 _BLOCK_FRAMES = 1 << 16  # frames decoded per read
 # libsndfile's log when a file ends early: a data chunk longer than the file (wav, aiff...),
@@ -161,6 +163,7 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
     import soxr
 
     path = Path(path)
+    _check_regular_file(path)
     try:
         with open(path, "rb") as fh:
             if not fh.read(1):
@@ -190,12 +193,25 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
     peak = float(np.abs(samples).max(initial=0.0))  # NaN or inf if any sample is
     if not math.isfinite(peak):
         raise AudioError(f"{path}: decoded samples are not finite (NaN/inf); the file is corrupt")
+    if peak > MAX_PEAK:
+        raise AudioError(f"{path}: samples reach {peak:.3g}, far outside [-1, 1]: corrupt, or not audio")
     if peak < SILENCE_PEAK:
         raise AudioError(
             f"{path}: silent throughout (peak {peak:.1e} at the loudest {cfg.excerpt_seconds:g} s, "
             f"from {offset:.1f} s); check the file or remove it"
         )
     return Excerpt(np.ascontiguousarray(samples, dtype=np.float32), duration, offset, padded)
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse what is not a regular file before opening it: a FIFO would block the open forever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise AudioError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a special file"
+        raise AudioError(f"{path}: not a regular file ({kind}); give an audio file")
 
 
 def _check_stream(dec: _Decoder, path: Path) -> float:
@@ -364,4 +380,13 @@ def file_to_logmel(path: str | Path, cfg: AudioConfig | None = None) -> np.ndarr
     Raises :class:`~sonicrec.errors.AudioError` on bad files (see :func:`load_excerpt`).
     """
     cfg = cfg or AudioConfig()
-    return logmel(load_excerpt(path, cfg).samples[None], cfg)[0]
+    return excerpt_logmel(load_excerpt(path, cfg), cfg, path)
+
+
+def excerpt_logmel(excerpt: Excerpt, cfg: AudioConfig, path: str | Path) -> np.ndarray:
+    """The log-mel spectrogram of a decoded excerpt, float32 (n_mels, n_frames); raises
+    :class:`~sonicrec.errors.AudioError` naming ``path`` if it is not finite (never stored or used)."""
+    features = logmel(excerpt.samples[None], cfg)[0]
+    if not np.isfinite(features).all():
+        raise AudioError(f"{path}: the log-mel spectrogram is not finite; the file is corrupt")
+    return features

@@ -19,6 +19,29 @@ from sonicrec.errors import SonicrecError
 log = logging.getLogger("sonicrec")
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser that takes options between positional arguments too
+    (``predict RUN --name M a.ogg b.ogg``: argparse alone stops taking files at the first option)."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:  # parse_known_intermixed_args calls back here
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is not in 1-65535")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -114,8 +137,11 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first bad file")
     p.add_argument("--retry-failed", action="store_true", help="try failed tracks again")
     p.add_argument(
-        "--report", type=Path, metavar="RUN", help="list the failed tracks of RUN with their reasons"
+        "--report", type=Path, metavar="RUN",
+        help="list the failed tracks of RUN with their reasons: id, path, reason separated by tabs, "
+        "with tabs, newlines and backslashes in them written \\t, \\n, \\\\",
     )
+    p.add_argument("--json", action="store_true", help="--report: JSON instead of tab-separated lines")
     p.add_argument(
         "--engine", choices=("local", "spark"), default="local",
         help="local worker processes (default) or a Spark job (sonicrec[spark])",
@@ -125,7 +151,13 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_ingest)
 
 
+def _escape_field(text: str) -> str:
+    """One field of a tab-separated line: backslash, tab, CR and newline escaped as in C."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def _run_ingest(args: argparse.Namespace) -> None:
+    import json
     import os
 
     from sonicrec.catalog import Catalog
@@ -138,9 +170,15 @@ def _run_ingest(args: argparse.Namespace) -> None:
         if not run.catalog.is_file():
             raise OutputDirError(f"{run.root}: no catalog.sqlite; run `sonicrec ingest PATH... --out RUN`")
         with Catalog(run.catalog) as catalog:
-            for t in catalog.tracks("failed"):
-                print(f"{t.track_id}\t{t.path}\t{t.error}")
+            failed = [
+                {"track_id": t.track_id, "path": t.path, "error": t.error} for t in catalog.tracks("failed")
+            ]
             counts = catalog.counts()
+        if args.json:
+            print(json.dumps({"failed": failed, "counts": counts}, indent=1))
+            return
+        for row in failed:
+            print("\t".join(_escape_field(str(value)) for value in row.values()))
         print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['new']} not yet extracted")
         return
     if args.out is None:
@@ -708,13 +746,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="predict song factors from audio files, or for every track of a run's feature store",
         description=(
-            "With AUDIO files: decode them, compute log-mels with the front end the model was "
-            "trained with, and write their factors to --out (keyed by file name without suffix). "
-            "With --catalog: predict every track of RUN/features into RUN/predictions/NAME.npz."
+            "With AUDIO files or track_id,path manifests (.csv/.tsv): decode them, compute log-mels "
+            "with the front end the model was trained with, and write their factors to --out (keyed "
+            "by the manifest's ids, or by file name without suffix, lengthened by folder names where "
+            "two names clash). Files that cannot be used are listed at the end (--strict: stop at "
+            "the first). With --catalog: predict every track of RUN/features into "
+            "RUN/predictions/NAME.npz."
         ),
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
-    p.add_argument("audio", nargs="*", type=Path, metavar="AUDIO", help="audio files")
+    p.add_argument("audio", nargs="*", type=Path, metavar="AUDIO", help="audio files or manifests")
+    p.add_argument("--strict", action="store_true", help="AUDIO: stop at the first file that cannot be used")
     p.add_argument("--catalog", action="store_true", help="every track of the feature store")
     p.add_argument("--name", default="cnn-mse", help="model name (default cnn-mse)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint file (default RUN/model/NAME/checkpoint.pt)")
@@ -748,38 +790,37 @@ def _run_predict(args: argparse.Namespace) -> None:
 
         written = predict_run_spark(
             run, args.name, master=args.master, partitions=args.partitions, from_audio=args.from_audio,
-            batch_size=args.batch_size, show_progress=args.progress,
+            batch_size=args.batch_size, checkpoint=args.checkpoint, show_progress=args.progress,
         )
         print(f"written: {written[0]}, {written[1]}")
         return
     if args.catalog:
         from sonicrec.predict import predict_run
 
-        print(f"written: {predict_run(run, args.name, show_progress=args.progress)}")
+        written = predict_run(
+            run, args.name, checkpoint=args.checkpoint, batch_size=args.batch_size,
+            show_progress=args.progress,
+        )
+        print(f"written: {written}")
         return
     if args.out is None:
         raise DataError("give the output file for AUDIO predictions: --out FILE.npz")
-    stems: dict[str, Path] = {}
-    for path in args.audio:
-        if path.stem in stems:
-            raise DataError(f"{stems[path.stem]} and {path} would get the same id {path.stem!r}: rename one")
-        stems[path.stem] = path
+    from sonicrec.predict import predict_audio
 
-    from sonicrec.familiarity import UNFAMILIAR_MESSAGE
-    from sonicrec.io import atomic_save_npz
-    from sonicrec.predict import Predictor
-
-    predictor = Predictor.load(args.checkpoint or run.model / args.name / "checkpoint.pt")
-    factors, familiarity = predictor.assess_files(
-        args.audio, batch_size=args.batch_size, workers=args.workers, show_progress=args.progress
+    result = predict_audio(
+        args.checkpoint or run.model / args.name / "checkpoint.pt", args.audio, args.out,
+        batch_size=args.batch_size, workers=args.workers,
+        strict=args.strict, show_progress=args.progress,
     )
-    extra = {} if familiarity is None else {
-        "familiarity_distance": familiarity.distance, "familiar": familiarity.familiar}
-    atomic_save_npz(args.out, song_ids=list(stems), factors=factors, **extra)
-    print(f"written: {args.out} ({len(stems)} tracks x {factors.shape[1]} factors)")
-    if familiarity is not None and not familiarity.familiar.all():
-        strange = [s for s, ok in zip(stems, familiarity.familiar.tolist(), strict=True) if not ok]
-        print(f"{len(strange)} of {len(stems)} files are {UNFAMILIAR_MESSAGE} ({', '.join(strange[:5])})")
+    for track_id, path, reason in result.failures:
+        print(f"failed: {_escape_field(track_id)}\t{_escape_field(str(path))}\t{_escape_field(reason)}")
+    failed = f", {len(result.failures)} failed" if result.failures else ""
+    print(f"written: {result.path} ({result.n_predicted} tracks x {result.n_factors} factors{failed})")
+    if result.unfamiliar:
+        from sonicrec.familiarity import UNFAMILIAR_MESSAGE
+
+        shown = ", ".join(result.unfamiliar[:5])
+        print(f"{len(result.unfamiliar)} of {result.n_predicted} files are {UNFAMILIAR_MESSAGE} ({shown})")
 
 
 # --- analyse ------------------------------------------------------------------------------------
@@ -851,7 +892,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)")
-    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     p.add_argument("--model", default="cnn-mse", help="model placing cold songs and uploads (cnn-mse)")
     p.add_argument("--upload-dir", type=Path, help="where uploads stay while placed (default: a temp dir)")
     p.add_argument("--max-upload-mb", type=float, help="largest upload in MB (default 50)")
@@ -899,7 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_IntermixedParser
+    )
     for add in _COMMANDS:
         add(sub)
     return parser

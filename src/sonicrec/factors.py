@@ -54,6 +54,8 @@ class Factors:
             raise DataError("user and song factors differ in dimension")
         if self.split.shape != (n_songs,) or not np.isin(self.split, SPLITS).all():
             raise DataError(f"split must give one of {SPLITS} per song")
+        if not (np.isfinite(self.user_factors).all() and np.isfinite(self.song_factors).all()):
+            raise DataError("factors hold NaN/infinite values: refit them")
         self._song_index = {s: i for i, s in enumerate(self.song_ids)}
         self._user_index = {u: i for i, u in enumerate(self.user_ids)}
 

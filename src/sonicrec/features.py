@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DTYPE = np.float16
 DEFAULT_SHARD_SIZE = 256  # 256 x 128 x 599 float16 = 39 MB per shard
+WORKERS_PER_CORE = 2  # decoding waits on I/O a little; more processes than this only cost memory
 _SHARD_NAME = re.compile(r"^shard-(\d{6})\.json$")
 _SHARD_DATA = re.compile(r"^shard-(\d{6})\.npy$")
 
@@ -180,6 +181,8 @@ class FeatureStoreWriter:
         expected = (self.cfg.n_mels, self.cfg.n_frames)
         if features.shape != expected:
             raise ValueError(f"track {track_id}: features of shape {features.shape}, expected {expected}")
+        if not np.isfinite(features).all():
+            raise DataError(f"track {track_id!r}: its features are not finite (NaN/inf); not stored")
         self._buffer[len(self._pending)] = features
         self._pending.append(track_id)
         return self.commit() if len(self._pending) == self.shard_size else []
@@ -259,13 +262,13 @@ class Extracted:
 def extract_track(track_id: str, path: str | None, cfg: AudioConfig) -> Extracted:
     """Features of one track (the front end of :func:`sonicrec.audio.file_to_logmel`, rounded to
     the store's float16); every failure is returned as a reason, never raised."""
-    from sonicrec.audio import load_excerpt, logmel
+    from sonicrec.audio import excerpt_logmel, load_excerpt
 
     try:
         if not path:
             raise AudioError(f"track {track_id} has no audio path in the catalog")
         excerpt = load_excerpt(path, cfg)
-        features = logmel(excerpt.samples[None], cfg)[0].astype(DTYPE)
+        features = excerpt_logmel(excerpt, cfg, path).astype(DTYPE)
         return Extracted(track_id, features, excerpt.duration, excerpt.offset, excerpt.padded, None)
     except AudioError as exc:
         return Extracted(track_id, None, None, None, False, str(exc))
@@ -290,8 +293,16 @@ def _extract_in_worker(task: tuple[str, str | None]) -> Extracted:
     return extract_track(*task, _worker_cfg)
 
 
+def worker_count(requested: int, n_tasks: int) -> int:
+    """Worker processes worth starting: at most one per task and :data:`WORKERS_PER_CORE` per core."""
+    return max(1, min(requested, n_tasks, WORKERS_PER_CORE * (os.cpu_count() or 1)))
+
+
 def _extract_all(tasks: list[tuple[str, str | None]], cfg: AudioConfig, workers: int) -> Iterator[Extracted]:
-    """Results in task order, computed here (workers <= 1) or by a pool of worker processes."""
+    """Results in task order, computed here (one worker) or by a pool of worker processes."""
+    wanted, workers = workers, worker_count(workers, len(tasks))
+    if workers < wanted:
+        log.info("ingest: %d worker processes (asked for %d)", workers, wanted)
     if workers <= 1:
         for track_id, path in tasks:
             yield extract_track(track_id, path, cfg)
@@ -352,7 +363,7 @@ def ingest_run(
     ----------
     run : the run directory (RUN/catalog.sqlite is read, RUN/features/ written).
     cfg : audio settings; None = ``Config.load(RUN/config.toml).audio`` or the defaults.
-    workers : extraction processes (<= 1: in this process).
+    workers : extraction processes (<= 1: in this process); capped by :func:`worker_count`.
     strict : raise the first failure as :class:`AudioError` instead of recording it and going on.
     """
     from tqdm.auto import tqdm
@@ -404,23 +415,27 @@ def discover_tracks(paths: Iterable[str | Path]) -> list[Track]:
 
     A manifest has a header with at least ``track_id,path`` (optional ``title``, ``artist``);
     relative paths are relative to the manifest. A file's id is its name, or, inside a given folder,
-    its path relative to that folder (e.g. ``jazz/take1.mp3``).
+    its path relative to that folder (e.g. ``jazz/take1.mp3``). Inside folders, every entry with an
+    audio extension that is not a folder is a track: a dangling link, a pipe or a device is then
+    recorded as failed by the ingest (never opened), not skipped silently.
     """
     from sonicrec.audio import AUDIO_EXTENSIONS
 
     tracks: list[Track] = []
     for item in map(Path, paths):
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+            files = sorted(
+                p for p in item.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and not p.is_dir()
+            )
             if not files:
                 log.warning("no audio files (%s) under %s", " ".join(AUDIO_EXTENSIONS), item)
             for f in files:
                 track_id = f.relative_to(item).as_posix()
-                tracks.append(Track(track_id, path=str(f.resolve()), title=f.stem))
+                tracks.append(Track(track_id, path=str(_absolute(f)), title=f.stem))
         elif item.suffix.lower() in (".csv", ".tsv"):
             tracks.extend(read_manifest(item))
-        elif item.exists():
-            tracks.append(Track(item.name, path=str(item.resolve()), title=item.stem))
+        elif item.exists() or item.is_symlink():
+            tracks.append(Track(item.name, path=str(_absolute(item)), title=item.stem))
         else:
             raise DataError(f"{item}: no such file or folder")
     seen: dict[str, str | None] = {}
@@ -432,6 +447,11 @@ def discover_tracks(paths: Iterable[str | Path]) -> list[Track]:
             )
         seen[t.track_id] = t.path
     return tracks
+
+
+def _absolute(path: Path) -> Path:
+    """The file a path leads to, absolute; a dangling link stays a link (its target is not there)."""
+    return path.resolve() if path.exists() else path.absolute()
 
 
 def read_manifest(path: str | Path) -> list[Track]:

@@ -11,9 +11,10 @@ predicted from its audio file gets exactly the factors it gets from its stored f
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sonicrec.config import Config
-from sonicrec.errors import DataError
+from sonicrec.errors import AudioError, DataError
 from sonicrec.familiarity import Familiarity, FamiliarityScores
 from sonicrec.io import atomic_save_npz
 from sonicrec.model import AudioCNN, select_device
@@ -74,15 +75,22 @@ class Predictor:
         return self.config.model.n_factors
 
     def predict_logmel(self, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
-        """Factors of log-mel spectrograms: (B, n_mels, T) -> (B, n_factors) float32."""
+        """Factors of log-mel spectrograms: (B, n_mels, T) -> (B, n_factors) float32, always finite."""
         return self.embed_logmel(x, batch_size=batch_size)[0]
 
     @torch.no_grad()
     def embed_logmel(self, x: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Factors (B, n_factors) and penultimate activations (B, D), float32, of log-mels (B, n_mels, T)."""
+        """Factors (B, n_factors) and penultimate activations (B, D), float32, of log-mels (B, n_mels, T).
+
+        Raises :class:`DataError` if an input is not finite (:func:`finite_rows` finds which) or
+        the network's output is not (a corrupt or diverged model): neither is ever returned.
+        """
         x = np.asarray(x)
         if x.ndim != 3:
             raise DataError(f"expected log-mel spectrograms (batch, n_mels, frames), got shape {x.shape}")
+        bad = np.flatnonzero(~finite_rows(x))
+        if len(bad):
+            raise DataError(f"log-mel spectrogram(s) {bad[:5].tolist()} of the batch are not finite")
         factors, embeddings = [], []
         for start in range(0, len(x), batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], np.float16))
@@ -91,12 +99,16 @@ class Predictor:
             embeddings.append(h.float().cpu().numpy())
         if not factors:
             return np.empty((0, self.n_factors), np.float32), np.empty((0, 0), np.float32)
-        return np.concatenate(factors), np.concatenate(embeddings)
+        factors, embeddings = np.concatenate(factors), np.concatenate(embeddings)
+        if not (np.isfinite(factors).all() and np.isfinite(embeddings).all()):
+            raise DataError("the model predicts non-finite factors (NaN/inf): its checkpoint is corrupt or "
+                            "its training diverged")
+        return factors, embeddings
 
     def assess_logmel(self, x: np.ndarray) -> tuple[np.ndarray, FamiliarityScores | None]:
         """Factors (B, n_factors) of log-mels (B, n_mels, T) and their familiarity (None without a model)."""
         factors, embeddings = self.embed_logmel(x)
-        return factors, None if self.familiarity is None else self.familiarity.score(embeddings)
+        return factors, self.familiarity_of(embeddings)
 
     def predict_files(
         self, paths: Sequence[str | Path], *, batch_size: int = 64, workers: int = 2,
@@ -104,8 +116,8 @@ class Predictor:
     ) -> np.ndarray:
         """Factors of audio files, front end on the fly: (len(paths), n_factors) float32.
 
-        ``workers`` threads decode and compute log-mels while the network runs. Raises
-        :class:`~sonicrec.errors.AudioError` naming the first file that cannot be used.
+        Raises :class:`~sonicrec.errors.AudioError` naming the first file that cannot be used
+        (:meth:`predict_each` records them instead).
         """
         options = dict(batch_size=batch_size, workers=workers, show_progress=show_progress)
         return self.assess_files(paths, **options)[0]
@@ -115,25 +127,42 @@ class Predictor:
         show_progress: bool = False,
     ) -> tuple[np.ndarray, FamiliarityScores | None]:
         """Factors of audio files (as :meth:`predict_files`) and their familiarity (None without a model)."""
-        from sonicrec.audio import file_to_logmel
+        result = self.predict_each(
+            paths, batch_size=batch_size, workers=workers, strict=True, show_progress=show_progress
+        )
+        return result.factors, self.familiarity_of(result.embeddings) if len(result.index) else None
 
+    def predict_each(
+        self, paths: Sequence[str | Path], *, batch_size: int = 64, workers: int = 2, strict: bool = False,
+        show_progress: bool = False,
+    ) -> FilePredictions:
+        """Factors of the audio files that can be used, and why the others cannot.
+
+        ``workers`` threads (at most one per file) decode and compute log-mels while the network
+        runs. ``strict``: raise the first :class:`~sonicrec.errors.AudioError` instead.
+        """
         paths = [Path(p) for p in paths]
-        factors, embeddings = [], []
-        front_end = partial(file_to_logmel, cfg=self.config.audio)
+        front_end = partial(_logmel_or_reason, cfg=self.config.audio, strict=strict)
+        done, factors, embeddings, failures = [], [], [], []
         with (
-            ThreadPoolExecutor(max(1, workers)) as pool,
+            ThreadPoolExecutor(max(1, min(workers, len(paths)))) as pool,
             tqdm(total=len(paths), unit="file", disable=not show_progress) as bar,
         ):
-            logmels = _ahead(pool, front_end, paths, 2 * batch_size)
-            for _, batch in _batches(logmels, batch_size):
-                f, h = self.embed_logmel(np.stack(batch), batch_size=batch_size)
-                factors.append(f)
-                embeddings.append(h)
+            results = enumerate(_ahead(pool, front_end, paths, 2 * batch_size))
+            for batch in _batches(results, batch_size):
+                failures += [(i, reason) for i, (_, reason) in batch if reason is not None]
+                usable = [(i, x) for i, (x, _) in batch if x is not None]
+                if usable:
+                    done += [i for i, _ in usable]
+                    f, h = self.embed_logmel(np.stack([x for _, x in usable]), batch_size=batch_size)
+                    factors.append(f)
+                    embeddings.append(h)
                 bar.update(len(batch))
         if not factors:
-            return np.empty((0, self.n_factors), np.float32), None
-        scores = None if self.familiarity is None else self.familiarity.score(np.concatenate(embeddings))
-        return np.concatenate(factors), scores
+            return FilePredictions(np.zeros(0, np.int64), np.empty((0, self.n_factors), np.float32),
+                                   np.empty((0, 0), np.float32), failures)
+        return FilePredictions(np.asarray(done, dtype=np.int64), np.concatenate(factors),
+                               np.concatenate(embeddings), failures)
 
     def predict_store(
         self, store: LogMelStore, track_ids: Sequence[str] | None = None, *, batch_size: int = 64,
@@ -149,19 +178,69 @@ class Predictor:
         self, store: LogMelStore, track_ids: Sequence[str] | None = None, *, batch_size: int = 64,
         show_progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ids (S,) str, factors (S, k) and penultimate activations (S, D) of a feature store's tracks."""
+        """Ids (S,) str, factors (S, k) and penultimate activations (S, D) of a feature store's tracks.
+
+        Tracks whose stored features are not finite (a store written before they were refused)
+        are left out, with a warning naming them.
+        """
         ids = list(store.track_ids if track_ids is None else track_ids)
-        factors, embeddings = [], []
+        kept, factors, embeddings, skipped = [], [], [], []
         with tqdm(total=len(ids), unit="track", disable=not show_progress) as bar:
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start : start + batch_size]
-                f, h = self.embed_logmel(store.get_many(chunk))
-                factors.append(f)
-                embeddings.append(h)
+                x = store.get_many(chunk)
+                finite = finite_rows(x)
+                skipped += [t for t, ok in zip(chunk, finite, strict=True) if not ok]
+                kept += [t for t, ok in zip(chunk, finite, strict=True) if ok]
+                if finite.any():
+                    f, h = self.embed_logmel(x[finite], batch_size=batch_size)
+                    factors.append(f)
+                    embeddings.append(h)
                 bar.update(len(chunk))
-        if not ids:
-            return np.asarray(ids, dtype=str), np.empty((0, self.n_factors), np.float32), np.empty((0, 0))
-        return np.asarray(ids, dtype=str), np.concatenate(factors), np.concatenate(embeddings)
+        if skipped:
+            log.warning("%d track(s) with non-finite stored features not predicted: %s", len(skipped),
+                        ", ".join(map(repr, skipped[:5])) + (" ..." if len(skipped) > 5 else ""))
+        if not factors:
+            return np.asarray(kept, dtype=str), np.empty((0, self.n_factors), np.float32), np.empty((0, 0))
+        return np.asarray(kept, dtype=str), np.concatenate(factors), np.concatenate(embeddings)
+
+    def familiarity_of(self, embeddings: np.ndarray) -> FamiliarityScores | None:
+        """Familiarity scores of penultimate activations (B, D); None for a model without one."""
+        return None if self.familiarity is None else self.familiarity.score(embeddings)
+
+
+@dataclass(frozen=True)
+class FilePredictions:
+    """What :meth:`Predictor.predict_each` made of a list of audio files.
+
+    Attributes
+    ----------
+    index : (m,) int64, positions in the given list of the files predicted, in order
+    factors : (m, n_factors) float32, finite, their factors
+    embeddings : (m, D) float32, their penultimate activations (for familiarity)
+    failures : (position, reason) of each file that could not be used
+    """
+
+    index: np.ndarray
+    factors: np.ndarray
+    embeddings: np.ndarray
+    failures: list[tuple[int, str]]
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """(B,) bool: which of a batch of arrays (B, ...) hold only finite numbers."""
+    return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+
+
+def _logmel_or_reason(path: Path, cfg, strict: bool) -> tuple[np.ndarray | None, str | None]:
+    from sonicrec.audio import file_to_logmel
+
+    try:
+        return file_to_logmel(path, cfg), None
+    except AudioError as exc:
+        if strict:
+            raise
+        return None, str(exc)
 
 
 def _ahead(pool: ThreadPoolExecutor, fn, items: Sequence, depth: int) -> Iterator:
@@ -175,34 +254,44 @@ def _ahead(pool: ThreadPoolExecutor, fn, items: Sequence, depth: int) -> Iterato
         yield pending.popleft().result()
 
 
-def _batches(items: Iterator[np.ndarray], size: int) -> Iterator[tuple[int, list[np.ndarray]]]:
-    start, batch = 0, []
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    """Lists of ``size`` consecutive items (the last one shorter)."""
+    batch = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
-            yield start, batch
-            start, batch = start + size, []
+            yield batch
+            batch = []
     if batch:
-        yield start, batch
+        yield batch
 
 
-def predict_run(run: RunDir | str | Path, name: str, *, show_progress: bool = True) -> Path:
+def predict_run(
+    run: RunDir | str | Path, name: str, *, checkpoint: str | Path | None = None, batch_size: int = 64,
+    show_progress: bool = True,
+) -> Path:
     """Predict every track of RUN/features with model ``name``; writes and returns RUN/predictions/NAME.npz
     (``song_ids`` (S,) str, ``factors`` (S, k) float32), and fits the model's familiarity on the
-    way (RUN/model/NAME/familiarity.npz: the train split's activations, calibrated on the valid split's).
+    way (familiarity.npz beside the checkpoint: the train split's activations, calibrated on the
+    valid split's).
+
+    ``checkpoint``: the model file (default RUN/model/NAME/checkpoint.pt).
     """
     from sonicrec.features import FeatureStore
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     check_model_name(name)
-    predictor = Predictor.load(run.model / name / "checkpoint.pt")
+    checkpoint = Path(checkpoint or run.model / name / "checkpoint.pt")
+    predictor = Predictor.load(checkpoint)
     store = FeatureStore(run.features)
     if len(store) == 0:
         raise DataError(f"the feature store {run.features} is empty: run sonicrec ingest first")
-    song_ids, factors, embeddings = predictor.embed_store(store, show_progress=show_progress)
+    song_ids, factors, embeddings = predictor.embed_store(
+        store, batch_size=batch_size, show_progress=show_progress
+    )
     familiarity = _fit_familiarity(run, song_ids, embeddings)
     if familiarity is not None:
-        familiarity.save(run.model / name / FAMILIARITY_FILE)
+        familiarity.save(checkpoint.parent / FAMILIARITY_FILE)
     path = run.prediction(name)
     atomic_save_npz(path, song_ids=song_ids, factors=factors)
     log.info("predicted %d tracks with %s -> %s", len(song_ids), name, path)
@@ -223,3 +312,99 @@ def _fit_familiarity(run: RunDir, song_ids: np.ndarray, embeddings: np.ndarray) 
         log.warning("only %d train songs have features: no familiarity model", int(train.sum()))
         return None
     return Familiarity.fit(embeddings[train], embeddings[np.isin(song_ids, factors.songs("valid"))])
+
+
+# --- audio files given by the user ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioPredictions:
+    """What :func:`predict_audio` wrote: ``path`` (the .npz), the number of tracks predicted and
+    of factors, (track id, file, reason) of each file that could not be used, and the ids of those
+    predicted that are unfamiliar to the model (empty for a model without familiarity)."""
+
+    path: Path
+    n_predicted: int
+    n_factors: int
+    failures: list[tuple[str, Path, str]]
+    unfamiliar: list[str]
+
+
+def audio_inputs(paths: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(track id, file) for audio files and ``track_id,path`` manifests (``.csv``/``.tsv``).
+
+    A manifest's ids are kept as given (they must be unique). A file's id is its name without
+    suffix; files whose names clash get as many of their folders as tell them apart
+    (``a/snow``, ``b/snow``), and the same file given twice a ``#2``.
+    """
+    from sonicrec.features import read_manifest
+
+    fixed: list[tuple[int, str, Path]] = []
+    files: list[tuple[int, Path]] = []
+    for position, item in enumerate(map(Path, paths)):
+        if item.suffix.lower() in (".csv", ".tsv"):
+            fixed += [(position, t.track_id, Path(t.path)) for t in read_manifest(item)]
+        else:
+            files.append((position, item))
+    ids = [track_id for _, track_id, _ in fixed]
+    if len(set(ids)) < len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"track id {twice!r} is given twice in the manifests: give unique ids")
+    named = [(p, i, f) for (p, f), i in zip(files, _file_ids([f for _, f in files], set(ids)), strict=True)]
+    return [(track_id, file) for _, track_id, file in sorted(fixed + named, key=lambda e: e[0])]
+
+
+def _file_ids(files: list[Path], taken: set[str]) -> list[str]:
+    """Ids for files: the name without suffix, lengthened by parent folders where names clash."""
+    parts = [f.absolute().with_suffix("").parts for f in files]
+    depth = [1] * len(files)
+    while True:
+        ids = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        files_named: dict[str, set] = defaultdict(set)
+        for name, p in zip(ids, parts, strict=True):
+            files_named[name].add(p)
+        clash = [
+            i for i, name in enumerate(ids)
+            if (len(files_named[name]) > 1 or name in taken) and depth[i] < len(parts[i])
+        ]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    unique = []
+    for name in ids:  # what folders cannot tell apart (the same file twice) gets a number
+        n = seen[name] = seen.get(name, int(name in taken)) + 1
+        unique.append(name if n == 1 else f"{name}#{n}")
+    return unique
+
+
+def predict_audio(
+    checkpoint: str | Path, paths: Sequence[str | Path], out: str | Path, *, batch_size: int = 64,
+    workers: int = 2, strict: bool = False, show_progress: bool = False,
+) -> AudioPredictions:
+    """Predict audio files and manifests (:func:`audio_inputs`) and write ``out`` (.npz: ``song_ids``,
+    ``factors`` (n, k) float32, ``paths``; ``familiarity_distance``, ``familiar`` when the model has
+    a familiarity), leaving out and returning the files that cannot be used.
+
+    ``strict``: raise the first :class:`~sonicrec.errors.AudioError` instead; nothing is written.
+    """
+    inputs = audio_inputs(paths)
+    predictor = Predictor.load(checkpoint)
+    result = predictor.predict_each(
+        [file for _, file in inputs], batch_size=batch_size, workers=workers, strict=strict,
+        show_progress=show_progress,
+    )
+    failures = [(inputs[i][0], inputs[i][1], reason) for i, reason in result.failures]
+    if len(result.index) == 0:
+        raise AudioError(f"none of the {len(inputs)} file(s) could be used; the first: {failures[0][2]}")
+    chosen = [inputs[i] for i in result.index]
+    ids = [track_id for track_id, _ in chosen]
+    familiarity = predictor.familiarity_of(result.embeddings)
+    extra = {} if familiarity is None else {
+        "familiarity_distance": familiarity.distance, "familiar": familiarity.familiar}
+    atomic_save_npz(out, song_ids=ids, factors=result.factors, paths=[str(f) for _, f in chosen], **extra)
+    log.info("predicted %d of %d files -> %s", len(chosen), len(inputs), out)
+    familiar = np.ones(len(ids), bool) if familiarity is None else familiarity.familiar
+    unfamiliar = [track_id for track_id, ok in zip(ids, familiar, strict=True) if not ok]
+    return AudioPredictions(Path(out), len(chosen), predictor.n_factors, failures, unfamiliar)

@@ -427,10 +427,13 @@ class Recommender:
             predicted, scores = self.predictor.predict_files([path]), None
         else:
             predicted, scores = assess([path])
+        predicted = np.asarray(predicted, dtype=np.float32)
+        if not np.isfinite(predicted).all():
+            raise DataError(f"{path}: the model's factors for it are not finite (NaN/inf)")
         while len(self._familiarity) >= _REMEMBERED_FILES:
             self._familiarity.pop(next(iter(self._familiarity)))
         self._familiarity[str(path.resolve())] = None if scores is None else scores.as_dict(0)
-        return unit_rows(np.asarray(predicted, dtype=np.float32).reshape(1, -1))[0], None
+        return unit_rows(predicted.reshape(1, -1))[0], None
 
     def _unknown_song(self, song: str) -> UnknownIdError:
         return UnknownIdError(

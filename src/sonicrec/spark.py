@@ -185,7 +185,7 @@ def _predict_partition(
     """mapInPandas body: factors of each track from the store (``store``) or its audio file."""
     from sonicrec.audio import file_to_logmel
     from sonicrec.features import FeatureStore
-    from sonicrec.predict import Predictor
+    from sonicrec.predict import Predictor, finite_rows
 
     predictor = Predictor.load(checkpoint)
     features = FeatureStore(store) if store is not None else None
@@ -196,6 +196,10 @@ def _predict_partition(
             errors: list[str | None] = [None] * len(ids)
             if features is not None:
                 x = features.get_many(ids)  # (B, n_mels, n_frames) float16
+                finite = finite_rows(x)
+                for i in np.flatnonzero(~finite):
+                    errors[i] = f"track {ids[i]}: its stored features are not finite"
+                x = x[finite] if finite.any() else None
             else:
                 logmels = []
                 for i, path in enumerate(chunk["path"]):
@@ -233,6 +237,7 @@ def predict_run_spark(
     partitions: int | None = None,
     from_audio: bool = False,
     batch_size: int = 64,
+    checkpoint: str | Path | None = None,
     show_progress: bool = True,
 ) -> tuple[Path, Path]:
     """:func:`sonicrec.predict.predict_run` as a Spark job.
@@ -240,7 +245,8 @@ def predict_run_spark(
     Predicts every track of RUN/features (``from_audio``: every ``ok`` catalog track, straight from
     its audio file, without a feature store) with model ``name``; writes RUN/predictions/NAME.parquet
     (a Spark folder: ``track_id`` and ``factor_0`` ... ``factor_{k-1}``, float32) and
-    RUN/predictions/NAME.npz (``song_ids``, ``factors``) for the local pipeline.
+    RUN/predictions/NAME.npz (``song_ids``, ``factors``) for the local pipeline. ``checkpoint``:
+    the model file (default RUN/model/NAME/checkpoint.pt).
 
     Returns
     -------
@@ -255,7 +261,7 @@ def predict_run_spark(
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     check_model_name(name)
-    checkpoint = run.model / name / "checkpoint.pt"
+    checkpoint = Path(checkpoint or run.model / name / "checkpoint.pt")
     n_factors = Predictor.load(checkpoint, device="cpu").n_factors  # fails early on a bad checkpoint
     config = run.read_config()
     if from_audio:

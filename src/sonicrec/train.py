@@ -444,10 +444,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"no model checkpoint at {path}: train the model first (`sonicrec train`)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: torch raises many kinds
-        raise DataError(f"{path} is not a readable sonicrec checkpoint: {exc}") from exc
+    except Exception as exc:  # a truncated or foreign file: torch raises many kinds, over many lines
+        log.debug("torch.load(%s) failed: %s", path, exc)
+        size = path.stat().st_size
+        raise DataError(
+            f"{path} ({size} bytes): corrupt or not a sonicrec checkpoint; train the model again"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path} is not a sonicrec checkpoint ({CHECKPOINT_FORMAT})")
+        raise DataError(f"{path}: corrupt or not a sonicrec checkpoint (expected {CHECKPOINT_FORMAT})")
     return state
 
 
