@@ -12,8 +12,10 @@ def test_options_may_come_between_and_after_files():
     assert [p.name for p in args.audio] == ["a.ogg", "b.ogg", "c.ogg"]
     args = parser.parse_args(["ingest", "a.ogg", "--out", "RUN", "b/", "--workers", "2", "c.csv"])
     assert [p.name for p in args.paths] == ["a.ogg", "b", "c.csv"] and args.workers == 2
-    args = parser.parse_args(["similar", "RUN", "--n", "3", "x.ogg", "--calibrate"])
-    assert (args.song, args.n, args.calibrate) == ("x.ogg", 3, True)
+    args = parser.parse_args(["factors", "import", "RUN", "--songs", "s.npy"])  # a command of commands
+    assert (args.action, args.songs.name) == ("import", "s.npy")
+    args = parser.parse_args(["similar", "RUN", "--n", "3", "x.ogg", "--raw"])
+    assert (args.song, args.n, args.raw) == ("x.ogg", 3, True)
 
 
 @pytest.mark.parametrize("port", ["70000", "0", "-1", "65536"])

@@ -26,7 +26,8 @@ class _IntermixedParser(argparse.ArgumentParser):
     _inside = False
 
     def parse_known_args(self, args=None, namespace=None):
-        if self._inside:  # parse_known_intermixed_args calls back here
+        nested = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions)
+        if self._inside or nested:  # intermixed parsing calls back here; it cannot take subcommands
             return super().parse_known_args(args, namespace)
         self._inside = True
         try:
