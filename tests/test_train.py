@@ -312,8 +312,8 @@ def test_predict_catalog_uses_the_given_checkpoint_and_batch_size(tmp_path, toy_
     checkpoint, store = toy_checkpoint
     run = _toy_run(tmp_path / "run", store)
     sizes = []
-    original = Predictor.predict_store
-    monkeypatch.setattr(Predictor, "predict_store",
+    original = Predictor.embed_store
+    monkeypatch.setattr(Predictor, "embed_store",
                         lambda self, *a, **kw: sizes.append(kw["batch_size"]) or original(self, *a, **kw))
     argv = ["--no-progress", "predict", str(run.root), "--catalog", "--checkpoint", str(checkpoint),
             "--name", "toy", "--batch-size", "3"]
