@@ -1,26 +1,31 @@
-"""Audio front end: tracks/second on one core, sonicrec vs librosa, and their numeric agreement.
+"""Audio front end per format: every decoder, every stage, and the ratio to librosa, in one run.
 
-For each format (mp3, ogg/vorbis, flac) it times, in the same process and on the same 30-s clips:
+Files like a catalogue's: real music, 44.1 kHz stereo, several minutes, transcoded with the
+``ffmpeg`` command to mp3 (LAME V2), ogg/vorbis (q5, ~160 kbps), flac, opus (128 kbps) and m4a
+(AAC 192 kbps). The source is the development music of ``../shared/scripts/get_dev_music.sh``
+(``--music tracks.csv``, default ``/work/devmusic/tracks.csv``: its 44.1 kHz stereo tracks of at
+least 2 minutes); without it, the real recordings of ``../shared/data/recordings``, upsampled to
+44.1 kHz stereo and joined into 4-minute pieces. For each format it prints, as CPU milliseconds per
+30-s excerpt (median over rounds, interleaved track by track, this process and its children, one
+thread):
 
-- sonicrec: ``file_to_logmel`` (soundfile decode, soxr resample, torch.stft + mel filters);
-- librosa:  ``librosa.load(sr=22050)`` + ``librosa.feature.melspectrogram`` + dB with the same floor;
-- decode only: ``soundfile.read`` of the whole clip (the floor under any pipeline).
+- each decoder of :mod:`sonicrec.decode` alone (seek + read the centred excerpt, mixed to mono),
+  and pedalboard's reader for comparison, with the largest sample difference from a full decode;
+- the stages of sonicrec's pipeline: decode + mix, mix alone, resample (soxr HQ), log-mel;
+- sonicrec end to end (``file_to_logmel``) against librosa (``load(offset, duration, sr=22050)``
+  + ``melspectrogram`` + dB), their ratio, and the largest dB difference between the two.
 
-The clips are the middle 30 s of the real recordings in ../shared/data/recordings that are long
-enough, resampled to 44.1 kHz stereo (right channel = left delayed by 7.5 ms) as in a typical
-catalogue; without them, SIMULATED clips (tones + noise) are used and the output says so.
-Everything runs single-threaded (one core). Agreement is the max abs dB difference of the log-mel
-spectrograms: on the same waveform (mel computation only) and end to end (decoder and resampler
-included).
-
-    python benchmarks/bench_audio.py [--rounds 5]
+    python benchmarks/bench_audio.py [--tracks 6] [--rounds 5] [--music CSV]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import resource
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,56 +34,83 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
     os.environ[_var] = "1"  # one core: set before numpy / torch / librosa are imported
 
 RECORDINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "recordings"
-CLIP_RATE, CLIP_SECONDS, FORMATS = 44100, 30, ("mp3", "ogg", "flac")
+DEV_MUSIC = Path("/work/devmusic/tracks.csv")
+RATE, PIECE_SECONDS = 44100, 240
+ENCODINGS = {  # format -> ffmpeg output options
+    "mp3": ["-c:a", "libmp3lame", "-q:a", "2"],
+    "ogg": ["-c:a", "libvorbis", "-q:a", "5"],
+    "flac": ["-c:a", "flac"],
+    "opus": ["-c:a", "libopus", "-b:a", "128k"],
+    "m4a": ["-c:a", "aac", "-b:a", "192k"],
+}
+# the ffmpeg command is left out: it decodes from the start by design (the last resort, for
+# tracker modules), so its cost grows with the excerpt's position
+DECODERS = ("soundfile", "miniaudio", "pyav", "pedalboard")
 
 
-def source_clips(seed: int = 0) -> tuple[list, str]:
-    """Mono 30-s float32 signals at 44.1 kHz and a description of where they came from."""
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (the ffmpeg command), seconds."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def source_tracks(music: Path, n: int, folder: Path) -> tuple[list[Path], str]:
+    """Up to ``n`` 44.1 kHz stereo wav files of real music and where they came from."""
     import numpy as np
     import soundfile as sf
     import soxr
 
-    clips = []
+    if music.is_file():
+        rows = list(csv.DictReader(open(music, newline="", encoding="utf-8")))
+        long = [r["path"] for r in rows if _is_catalogue_like(r["path"])]
+        picked = long[:: max(1, len(long) // n)][:n]
+        out = []
+        for i, path in enumerate(picked):
+            wav = folder / f"src{i:02d}.wav"
+            subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", path, "-map", "0:a:0", str(wav)], check=True)
+            out.append(wav)
+        return out, f"{len(out)} real tracks from {music} (44.1 kHz stereo, >= 2 min)"
+    ys = []
     for path in sorted(RECORDINGS.glob("*.ogg")):
         y, rate = sf.read(path, dtype="float32", always_2d=True)
-        y = y.mean(axis=1)
-        n = CLIP_SECONDS * rate
-        if y.size >= n:
-            start = (y.size - n) // 2
-            clips.append(soxr.resample(y[start : start + n], rate, CLIP_RATE).astype(np.float32))
-    if clips:
-        return clips, f"{len(clips)} real recordings from {RECORDINGS}"
-    rng = np.random.default_rng(seed)
-    t = np.arange(CLIP_SECONDS * CLIP_RATE) / CLIP_RATE
-    for f in (220.0, 440.0, 880.0, 1760.0):
-        y = 0.3 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(t.size)
-        clips.append(y.astype(np.float32))
-    return clips, f"{len(clips)} SIMULATED clips (tones + noise): shared recordings not found"
+        ys.append(soxr.resample(y.mean(axis=1), rate, RATE))
+    joined = np.concatenate(ys)
+    delay = round(0.0075 * RATE)  # right channel = left delayed by 7.5 ms
+    out = []
+    for i in range(min(n, joined.size // (PIECE_SECONDS * RATE))):
+        y = joined[i * PIECE_SECONDS * RATE : (i + 1) * PIECE_SECONDS * RATE]
+        stereo = np.stack([y, np.concatenate([np.zeros(delay, np.float32), y[:-delay]])], axis=1)
+        sf.write(folder / f"src{i:02d}.wav", 0.9 * stereo, RATE, subtype="PCM_16")
+        out.append(folder / f"src{i:02d}.wav")
+    return out, f"{len(out)} pieces of {PIECE_SECONDS} s joined from the real recordings in {RECORDINGS}"
 
 
-def write_clips(clips: list, folder: Path) -> dict[str, list[Path]]:
-    import numpy as np
-    from pedalboard.io import AudioFile
+def _is_catalogue_like(path: str) -> bool:
+    import soundfile as sf
 
-    delay = round(0.0075 * CLIP_RATE)
-    quality = {"mp3": "V2", "ogg": "160 kbps", "flac": None}
-    out: dict[str, list[Path]] = {fmt: [] for fmt in FORMATS}
-    for i, y in enumerate(clips):
-        stereo = np.stack([y, np.concatenate([np.zeros(delay, np.float32), y[:-delay]])]) * 0.9
-        for fmt in FORMATS:
-            path = folder / f"clip{i:02d}.{fmt}"
-            kwargs = {"quality": quality[fmt]} if quality[fmt] else {}
-            with AudioFile(str(path), "w", CLIP_RATE, 2, **kwargs) as f:
-                f.write(stereo)
-            out[fmt].append(path)
-    return out
+    try:
+        info = sf.info(path)
+    except Exception:
+        return False
+    return info.samplerate == RATE and info.channels == 2 and info.duration >= 120
 
 
-def librosa_logmel(path: Path, cfg):
+def transcode(sources: list[Path], folder: Path) -> dict[str, list[Path]]:
+    files: dict[str, list[Path]] = {fmt: [] for fmt in ENCODINGS}
+    for src in sources:
+        for fmt, options in ENCODINGS.items():
+            out = folder / f"{src.stem}.{fmt}"
+            cmd = ["ffmpeg", "-v", "error", "-y", "-i", str(src), "-map", "0:a:0", *options, str(out)]
+            subprocess.run(cmd, check=True)
+            files[fmt].append(out)
+    return files
+
+
+def librosa_logmel(path: Path, offset: float, cfg):
     import librosa
     import numpy as np
 
-    y, _ = librosa.load(path, sr=cfg.sample_rate, mono=True)
+    y, _ = librosa.load(path, sr=cfg.sample_rate, mono=True, offset=offset, duration=cfg.excerpt_seconds)
     mel = librosa.feature.melspectrogram(
         y=y, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
         fmin=cfg.fmin, fmax=cfg.fmax, power=2.0,
@@ -86,98 +118,162 @@ def librosa_logmel(path: Path, cfg):
     return 10 * np.log10(np.maximum(mel, cfg.log_floor))
 
 
-def cpu_seconds_per_track(pipelines: dict, paths: list, rounds: int) -> dict[str, float]:
-    """CPU seconds per track of each pipeline (median over rounds), interleaved clip by clip.
+def excerpt_range(path: Path, cfg) -> tuple[int, int]:
+    """(first frame, frames) of the centred excerpt at the file's native rate."""
+    import math
 
-    CPU time of this single-threaded process, not wall time, so other jobs on the machine
-    change the figures little; interleaving exposes every pipeline to the same conditions.
-    """
+    from sonicrec.audio import excerpt_start
+    from sonicrec.decode import AudioSource
+
+    with AudioSource(path) as src:
+        first = round(excerpt_start(src.duration, cfg) * src.samplerate)
+        return first, min(math.ceil(cfg.excerpt_seconds * src.samplerate), src.frames - first)
+
+
+def decode_with(name: str, path: Path, first: int, n: int):
+    """The excerpt decoded by one decoder, mono float32, or None if it cannot open the file."""
+    import numpy as np
+
+    from sonicrec.decode import AudioSource
+
+    if name == "pedalboard":  # for comparison only: not exact on mp3, silent on truncated flac
+        from pedalboard.io import AudioFile
+
+        with AudioFile(str(path)) as f:
+            f.seek(first)
+            block = f.read(n)
+        return np.full(block.shape[0], 1 / block.shape[0], np.float32) @ block
+    with AudioSource(path, (name,)) as src:
+        return src.read(first, n)
+
+
+def timed(pipelines: dict, items: list, rounds: int) -> dict[str, float]:
+    """CPU seconds per item of each pipeline (median over rounds), interleaved item by item."""
     per_round: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(rounds):
         totals = dict.fromkeys(pipelines, 0.0)
-        for p in paths:
+        for item in items:
             for name, fn in pipelines.items():
-                start = time.process_time()
-                fn(p)
-                totals[name] += time.process_time() - start
+                start = cpu_seconds()
+                fn(item)
+                totals[name] += cpu_seconds() - start
         for name, total in totals.items():
-            per_round[name].append(total / len(paths))
+            per_round[name].append(total / len(items))
     return {name: statistics.median(values) for name, values in per_round.items()}
+
+
+def opens(name: str, path: Path) -> bool:
+    try:
+        decode_with(name, path, 0, 1)
+    except Exception:
+        return False
+    return True
+
+
+def decoder_rows(fmt: str, paths: list[Path], cfg, rounds: int) -> list[str]:
+    """Markdown rows: each decoder's CPU ms per excerpt and its largest difference from a full decode."""
+    import numpy as np
+
+    from sonicrec.decode import AudioSource, chain_for
+
+    ranges = {p: excerpt_range(p, cfg) for p in paths}
+    names = [d for d in DECODERS if opens(d, paths[0])]
+    pipelines = {d: (lambda p, d=d: decode_with(d, p, *ranges[p])) for d in names}
+    seconds = timed(pipelines, paths, rounds)
+    rows = []
+    for d in names:
+        worst = 0.0
+        for p in paths:
+            first, n = ranges[p]
+            with AudioSource(p, (d if d != "pedalboard" else chain_for(p)[0],)) as src:
+                whole = src.read(0, src.frames)
+            part = decode_with(d, p, first, n)
+            worst = max(worst, float(np.abs(part - whole[first : first + part.size]).max()))
+        chosen = " (chain: " + " > ".join(chain_for(paths[0])) + ")" if d == names[0] else ""
+        rows.append(f"| {fmt} | {d} | {seconds[d] * 1e3:.1f} | {worst:.1e} |{chosen}")
+    return rows
+
+
+def pipeline_row(fmt: str, paths: list[Path], cfg, rounds: int) -> str:
+    """Markdown row: stage times, sonicrec end to end vs librosa, and their agreement in dB."""
+    import numpy as np
+    import soxr
+
+    from sonicrec.audio import file_to_logmel, load_excerpt, logmel
+    from sonicrec.decode import AudioSource
+
+    ranges = {p: excerpt_range(p, cfg) for p in paths}
+    rates = {p: AudioSource(p).samplerate for p in paths}
+    native = {p: decode_with_chain(p, *ranges[p]) for p in paths}
+    stereo = {p: np.repeat(native[p][:, None], 2, axis=1) for p in paths}
+    waves = {p: load_excerpt(p, cfg).samples for p in paths}
+    mix = np.full(2, 0.5, np.float32)
+    offsets = {p: load_excerpt(p, cfg).offset for p in paths}
+    pipelines = {
+        "decode + mix": lambda p: decode_with_chain(p, *ranges[p]),
+        "mix": lambda p: stereo[p] @ mix,
+        "resample": lambda p: soxr.resample(native[p], rates[p], cfg.sample_rate, quality="HQ"),
+        "log-mel": lambda p: logmel(waves[p][None], cfg),
+        "sonicrec": lambda p: file_to_logmel(p, cfg),
+        "librosa": lambda p: librosa_logmel(p, offsets[p], cfg),
+    }
+    for fn in pipelines.values():
+        fn(paths[0])  # warm-up: imports, caches, numba
+    s = timed(pipelines, paths, rounds)
+    diff = np.stack([
+        np.abs(file_to_logmel(p, cfg) - librosa_logmel(p, offsets[p], cfg)[:, : cfg.n_frames]) for p in paths
+    ])
+    ms = {k: v * 1e3 for k, v in s.items()}
+    return (
+        f"| {fmt} | {ms['decode + mix']:.1f} | {ms['mix']:.1f} | {ms['resample']:.1f} | {ms['log-mel']:.1f} "
+        f"| {ms['sonicrec']:.1f} | {ms['librosa']:.1f} | {s['librosa'] / s['sonicrec']:.2f}x "
+        f"| {diff.max():.4f} | {diff.mean():.5f} |"
+    )
+
+
+def decode_with_chain(path: Path, first: int, n: int):
+    from sonicrec.decode import AudioSource
+
+    with AudioSource(path) as src:
+        return src.read(first, n)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tracks", type=int, default=6, help="source tracks (each in every format)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (median is reported)")
+    parser.add_argument("--music", type=Path, default=DEV_MUSIC, help="tracks.csv of get_dev_music.sh")
+    parser.add_argument("--formats", nargs="+", default=list(ENCODINGS), choices=list(ENCODINGS))
+    parser.add_argument("--decoders-only", action="store_true", help="skip the pipeline table")
     args = parser.parse_args()
 
-    import librosa
-    import numpy as np
-    import soundfile as sf
+    import warnings
+
     import torch
 
-    from sonicrec.audio import file_to_logmel, logmel
     from sonicrec.config import AudioConfig
+
+    warnings.filterwarnings("ignore", module="librosa")  # audioread fallback notices (m4a)
 
     torch.set_num_threads(1)
     cfg = AudioConfig()
-    clips, origin = source_clips()
-    print(f"clips: {origin}; 30 s, {CLIP_RATE} Hz stereo; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_clips(clips, Path(tmp))
-        pipelines = {
-            "sonicrec": lambda p: file_to_logmel(p, cfg),
-            "librosa": lambda p: librosa_logmel(p, cfg),
-            "decode only": lambda p: sf.read(p, dtype="float32"),
-        }
-        rows = []
-        for fmt in FORMATS:
-            for fn in pipelines.values():
-                fn(files[fmt][0])  # warm-up (imports, caches, numba)
-            seconds = cpu_seconds_per_track(pipelines, files[fmt], args.rounds)
-            ours = np.stack([file_to_logmel(p, cfg) for p in files[fmt]])
-            ref = np.stack([librosa_logmel(p, cfg) for p in files[fmt]])
-            same_wave = []
-            for p in files[fmt]:
-                y, _ = librosa.load(p, sr=cfg.sample_rate)
-                y = y[: 30 * cfg.sample_rate]
-                mel = librosa.feature.melspectrogram(
-                    y=y, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
-                    n_mels=cfg.n_mels, power=2.0,
-                )
-                ref_db = 10 * np.log10(np.maximum(mel, cfg.log_floor))
-                same_wave.append(np.abs(logmel(y[None], cfg)[0] - ref_db).max())
-            diff = np.abs(ours - ref[..., : ours.shape[-1]])
-            rows.append((fmt, seconds, max(same_wave), diff.max(), np.percentile(diff, 99.9)))
+        sources, origin = source_tracks(args.music, args.tracks, Path(tmp))
+        files = transcode(sources, Path(tmp))
+        print(f"source: {origin}; load average at start {os.getloadavg()[0]:.1f}")
+        print("\n| format | decoder | CPU ms per 30-s excerpt | max abs diff from a full decode |")
+        print("|---|---|---:|---:|")
+        for fmt in args.formats:
+            print("\n".join(decoder_rows(fmt, files[fmt], cfg, args.rounds)), flush=True)
+        if args.decoders_only:
+            return
+        print("\n| format | decode + mix | mix | resample | log-mel | sonicrec end to end | librosa "
+              "| ratio | max dB diff vs librosa | mean dB diff |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for fmt in args.formats:
+            print(pipeline_row(fmt, files[fmt], cfg, args.rounds), flush=True)
+    print(f"(CPU ms per 30-s excerpt; load average at end {os.getloadavg()[0]:.1f})")
 
-        # log-mel alone: 16 waveforms per call, in batches of 1, 4 or 16 for sonicrec
-        waves = librosa.load(files["flac"][0], sr=cfg.sample_rate)[0][None].repeat(16, axis=0)
-
-        def librosa_mel(_: None) -> None:
-            for w in waves:
-                librosa.feature.melspectrogram(
-                    y=w, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels
-                )
-
-        mel = {"librosa": librosa_mel}
-        for b in (1, 4, 16):
-            mel[f"sonicrec batch {b}"] = lambda _, b=b: [
-                logmel(waves[i : i + b], cfg) for i in range(0, 16, b)
-            ]
-        mel_seconds = cpu_seconds_per_track(mel, [None], args.rounds)
-
-    print("\n| format | sonicrec tracks/CPU-s | librosa tracks/CPU-s | speed-up | decode-only tracks/CPU-s "
-          "| ceiling: librosa / decode only | max dB diff, same waveform | max dB diff, end to end "
-          "| 99.9th pct dB diff, end to end |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for fmt, s, same, worst, p999 in rows:
-        print(
-            f"| {fmt} | {1 / s['sonicrec']:.1f} | {1 / s['librosa']:.1f} | "
-            f"{s['librosa'] / s['sonicrec']:.2f}x | {1 / s['decode only']:.1f} | "
-            f"{s['librosa'] / s['decode only']:.2f}x | {same:.4f} | {worst:.4f} | {p999:.4f} |"
-        )
-    print("\nlog-mel only (30 s at 22.05 kHz), CPU ms per track: " + ", ".join(
-        f"{name} {t * 1e3 / 16:.2f}" for name, t in mel_seconds.items()
-    ))
 
 if __name__ == "__main__":
     main()

@@ -2,10 +2,9 @@
 
 Decoding seeks to the excerpt and reads only it, block by block, mixing down to mono as it goes,
 so a 3-hour, 8-channel or 192 kHz file costs no more memory than the excerpt itself.
-``soundfile`` (libsndfile: wav, aiff, flac, ogg/vorbis, opus, mp3) is tried first and
-``pedalboard`` second (m4a where the platform decoder has it); resampling is done by ``soxr``.
-The log-mel spectrogram is computed with ``torch.stft`` in batches; the Slaney mel filterbank is
-built here in numpy and agrees with ``librosa.filters.mel``.
+The decoder chain of :mod:`sonicrec.decode` delivers the frames (exact seeking, fallback to
+FFmpeg), ``soxr`` resamples them, and the log-mel spectrogram is computed with ``scipy.fft`` and a
+sparse Slaney mel filterbank built here, which agrees with ``librosa.filters.mel``.
 
 >>> cfg = AudioConfig()
 >>> logmel(np.zeros((2, excerpt_samples(cfg)), np.float32), cfg).shape
@@ -17,32 +16,25 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+import scipy.fft
+import scipy.sparse
 
 from sonicrec.config import AudioConfig
+from sonicrec.decode import AUDIO_EXTENSIONS, AudioSource  # noqa: F401 (AUDIO_EXTENSIONS: re-exported)
 from sonicrec.errors import AudioError
 from sonicrec.excerpt import block_levels, most_active_start, mostly_silent
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".wav", ".aif", ".aiff", ".m4a")
 SILENCE_PEAK = 1e-4  # an excerpt whose peak amplitude stays below this (-80 dBFS) is silent
 MAX_PEAK = 1e4  # full scale is 1; a float file reaching this (+80 dBFS) holds no audio signal
-MAX_SHORTFALL_SECONDS = 0.5  # decoders may deliver a little less than the header announced
-_BLOCK_FRAMES = 1 << 16  # frames decoded per read
-# libsndfile's log when a file ends early: a data chunk longer than the file (wav, aiff...),
-# an ogg stream without its end-of-stream page
-_DATA_CHUNK_LOG = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-_OGG_CUT_LOG = "lacks an end-of-stream bit"
-_STREAMING_SIZES = (0, 0xFFFFFFFF)  # "unknown length" placeholders, not truncation
+_SCAN_SECONDS = 60.0  # frames per read when a whole track is scanned for its most active window
 
 
 @dataclass(frozen=True)
@@ -60,12 +52,18 @@ class Excerpt:
         most active window when that excerpt is (mostly) silent (:mod:`sonicrec.excerpt`).
     padded : bool
         True when the track is shorter than the excerpt.
+    decoder : str
+        Name of the decoder that delivered the samples (:mod:`sonicrec.decode`).
+    notes : tuple of str
+        What the decoder libraries printed about the file (warnings), for the catalog.
     """
 
     samples: np.ndarray
     duration: float
     offset: float
     padded: bool
+    decoder: str = ""
+    notes: tuple[str, ...] = ()
 
 
 def excerpt_samples(cfg: AudioConfig) -> int:
@@ -89,71 +87,13 @@ def excerpt_start(duration: float, cfg: AudioConfig) -> float:
 # --- decoding -----------------------------------------------------------------------------------
 
 
-class _Decoder:
-    """A seekable reader over soundfile or pedalboard with one interface: frames in, mono out."""
-
-    def __init__(self, handle, *, channels_last: bool) -> None:
-        self._handle = handle
-        self._channels_last = channels_last  # soundfile: (frames, channels); pedalboard: (ch, frames)
-        self.samplerate = float(handle.samplerate)
-        self.frames = int(handle.frames)
-        channels = int(handle.channels if channels_last else handle.num_channels)
-        self._mix = np.full(channels, 1.0 / channels, dtype=np.float32)  # mono = channel mean
-
-    def truncation(self) -> str | None:
-        """Why the file looks cut short, from the decoder's own log (soundfile only), or None."""
-        if not self._channels_last:
-            return None
-        info = self._handle.extra_info
-        for announced, actual in _DATA_CHUNK_LOG.findall(info):
-            if int(announced) > int(actual) and int(announced) not in _STREAMING_SIZES:
-                return f"the header announces {announced} bytes of audio, the file holds {actual}"
-        if _OGG_CUT_LOG in info:
-            return "the ogg stream has no end-of-stream page"
-        return None
-
-    def seek(self, frame: int) -> None:
-        self._handle.seek(frame)
-
-    def read_mono(self, n: int) -> np.ndarray:
-        """Up to ``n`` frames mixed down to mono, float32 (m,) with m <= n (short at end of file)."""
-        if self._channels_last:
-            block = self._handle.read(n, dtype="float32", always_2d=True)
-            return block @ self._mix if block.shape[1] > 1 else block[:, 0]
-        block = self._handle.read(n).astype(np.float32, copy=False)
-        return self._mix @ block if block.shape[0] > 1 else block[0]
-
-
-@contextmanager
-def _open_decoder(path: Path) -> Iterator[_Decoder]:
-    import soundfile
-
-    try:
-        handle, channels_last = soundfile.SoundFile(str(path)), True
-    except Exception as sf_exc:  # libsndfile cannot open it: try pedalboard's decoders
-        from pedalboard.io import AudioFile
-
-        try:
-            handle, channels_last = AudioFile(str(path)), False
-        except Exception as pb_exc:
-            raise AudioError(
-                f"{path}: cannot decode ({_reason(sf_exc)}; {_reason(pb_exc)}): "
-                "not an audio file in a supported format, or corrupt; re-encode or remove it"
-            ) from pb_exc
-    with handle:
-        yield _Decoder(handle, channels_last=channels_last)
-
-
-def _reason(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
     """Decode the excerpt of ``path``: mono float32 at ``cfg.sample_rate``, ``excerpt_samples(cfg)`` long.
 
-    Only the excerpt is read (seek, then blocks of frames), unless it is silent or mostly silent:
-    then the whole track is scanned once and its most active window is used (``Excerpt.offset``
-    says where). Tracks shorter than the excerpt are zero-padded at the end and flagged ``padded``.
+    Only the excerpt is read (exact seek, then blocks of frames, by the decoder chain of
+    :mod:`sonicrec.decode`), unless it is silent or mostly silent: then the whole track is scanned
+    once and its most active window is used (``Excerpt.offset`` says where). Tracks shorter than
+    the excerpt are zero-padded at the end and flagged ``padded``.
 
     Raises
     ------
@@ -170,22 +110,17 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
                 raise AudioError(f"{path}: empty file (0 bytes); re-export it or remove it")
     except OSError as exc:
         raise AudioError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from exc
-    try:
-        with _open_decoder(path) as dec:
-            duration = _check_stream(dec, path)
-            offset = excerpt_start(duration, cfg)
-            samples = _read_window(dec, path, offset, cfg)
-            if mostly_silent(samples, dec.samplerate):  # a silent excerpt too (peak < -80 dBFS)
-                offset, samples = _most_active_window(dec, path, duration, offset, samples, cfg)
-            native_rate = dec.samplerate
-    except AudioError:
-        raise
-    except Exception as exc:  # decoder failure in the middle of the stream
-        raise AudioError(f"{path}: decoding failed ({_reason(exc)}); the file is corrupt") from exc
-    if native_rate != cfg.sample_rate:
-        samples = soxr.resample(samples, native_rate, cfg.sample_rate, quality="HQ")
+    with AudioSource(path) as src:
+        if not src.samplerate > 0 or src.frames <= 0:
+            raise AudioError(f"{path}: no audio frames (rate {src.samplerate:g} Hz, {src.frames} frames)")
+        offset = excerpt_start(src.duration, cfg)
+        samples = _read_window(src, offset, cfg)
+        if mostly_silent(samples, src.samplerate):  # a silent excerpt too (peak < -80 dBFS)
+            offset, samples = _most_active_window(src, offset, samples, cfg)
+    if src.samplerate != cfg.sample_rate:
+        samples = soxr.resample(samples, src.samplerate, cfg.sample_rate, quality="HQ")
     n = excerpt_samples(cfg)
-    padded = duration < cfg.excerpt_seconds
+    padded = src.duration < cfg.excerpt_seconds
     if samples.size >= n:
         samples = samples[:n]
     else:
@@ -200,7 +135,8 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
             f"{path}: silent throughout (peak {peak:.1e} at the loudest {cfg.excerpt_seconds:g} s, "
             f"from {offset:.1f} s); check the file or remove it"
         )
-    return Excerpt(np.ascontiguousarray(samples, dtype=np.float32), duration, offset, padded)
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    return Excerpt(samples, src.duration, offset, padded, src.decoder, tuple(src.notes))
 
 
 def _check_regular_file(path: Path) -> None:
@@ -214,63 +150,36 @@ def _check_regular_file(path: Path) -> None:
         raise AudioError(f"{path}: not a regular file ({kind}); give an audio file")
 
 
-def _check_stream(dec: _Decoder, path: Path) -> float:
-    """The track's duration in seconds; AudioError when it has no frames or is cut short."""
-    rate = dec.samplerate
-    if not rate > 0 or dec.frames <= 0:
-        raise AudioError(f"{path}: no audio frames (rate {rate:g} Hz, {dec.frames} frames); remove it")
-    cut = dec.truncation()
-    if cut:
-        raise AudioError(f"{path}: truncated: {cut}; re-encode or remove it")
-    return dec.frames / rate
-
-
-def _read_window(dec: _Decoder, path: Path, offset: float, cfg: AudioConfig) -> np.ndarray:
+def _read_window(src: AudioSource, offset: float, cfg: AudioConfig) -> np.ndarray:
     """Mono float32 samples at the native rate of the excerpt starting ``offset`` seconds in."""
-    rate = dec.samplerate
-    first = round(offset * rate)
-    wanted = min(math.ceil(cfg.excerpt_seconds * rate), dec.frames - first)
-    dec.seek(first)
-    out = np.empty(wanted, dtype=np.float32)
-    got = 0
-    while got < wanted:
-        block = dec.read_mono(min(_BLOCK_FRAMES, wanted - got))
-        if block.size == 0:
-            break
-        out[got : got + block.size] = block
-        got += block.size
-    if wanted - got > MAX_SHORTFALL_SECONDS * rate:
-        raise AudioError(
-            f"{path}: truncated: the header announces {dec.frames / rate:.1f} s but decoding stopped at "
-            f"{(first + got) / rate:.1f} s; re-encode or remove it"
-        )
-    return out[:got]
+    first = round(offset * src.samplerate)
+    return src.read(first, min(math.ceil(cfg.excerpt_seconds * src.samplerate), src.frames - first))
 
 
-def _all_blocks(dec: _Decoder) -> Iterator[np.ndarray]:
-    """The whole track, mono, in blocks of at most ``_BLOCK_FRAMES`` frames."""
-    dec.seek(0)
-    while (block := dec.read_mono(_BLOCK_FRAMES)).size:
-        yield block
+def _all_blocks(src: AudioSource) -> Iterator[np.ndarray]:
+    """The whole track, mono, in blocks of ``_SCAN_SECONDS``."""
+    size = round(_SCAN_SECONDS * src.samplerate)
+    for first in range(0, src.frames, size):
+        yield src.read(first, size)
 
 
 def _most_active_window(
-    dec: _Decoder, path: Path, duration: float, offset: float, samples: np.ndarray, cfg: AudioConfig
+    src: AudioSource, offset: float, samples: np.ndarray, cfg: AudioConfig
 ) -> tuple[float, np.ndarray]:
     """The (offset, samples) of the track's most active excerpt, scanning the whole track once.
 
     Keeps the given excerpt when no window holds more sound (the caller refuses a silent one).
     """
-    levels = block_levels(_all_blocks(dec), dec.samplerate)
+    levels = block_levels(_all_blocks(src), src.samplerate)
     start = most_active_start(levels, cfg.excerpt_seconds)
     if start is None:
         return offset, samples
-    start = min(start, max(0.0, duration - cfg.excerpt_seconds))
+    start = min(start, max(0.0, src.duration - cfg.excerpt_seconds))
     if start == offset:
         return offset, samples
     log.info("%s: the excerpt at %.1f s is mostly silent; using the most active one at %.1f s",
-             path, offset, start)
-    return start, _read_window(dec, path, start, cfg)
+             src.path, offset, start)
+    return start, _read_window(src, start, cfg)
 
 
 # --- log-mel ------------------------------------------------------------------------------------
@@ -322,56 +231,48 @@ def mel_filterbank(
 
 
 @functools.lru_cache(maxsize=8)
-def _kernels(cfg: AudioConfig, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    window = torch.hann_window(cfg.n_fft, device=device)  # periodic, as librosa's "hann"
+def _kernels(cfg: AudioConfig) -> tuple[np.ndarray, scipy.sparse.csr_matrix]:
+    """Periodic Hann window, float32 (n_fft,), as librosa's "hann"; mel filters as CSR (n_mels, bins)."""
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(cfg.n_fft) / cfg.n_fft)).astype(np.float32)
     filters = mel_filterbank(
         sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax
     )
-    return window, torch.from_numpy(filters).to_sparse().to(device)  # ~2 non-zeros per column
+    return window, scipy.sparse.csr_matrix(filters)  # ~2 non-zeros per column
 
 
-def logmel(
-    waveforms: np.ndarray | torch.Tensor, cfg: AudioConfig | None = None, *, batch_size: int | None = None
-) -> np.ndarray | torch.Tensor:
+def logmel(waveforms: np.ndarray, cfg: AudioConfig | None = None) -> np.ndarray:
     """Log-mel spectrograms in dB: ``10 log10(max(mel power, cfg.log_floor))``.
 
     Centred frames (zero padding), periodic Hann window, power spectrum, Slaney mel filters:
-    the same numbers as ``librosa.feature.melspectrogram`` with the same parameters.
+    the same numbers as ``librosa.feature.melspectrogram`` with the same parameters. One waveform
+    at a time (``scipy.fft.rfft`` on a strided view of its frames, then the sparse filters): on a
+    CPU that is faster than ``torch.stft`` and than batching (docs/benchmarks.md).
 
     Parameters
     ----------
-    waveforms : (B, n_samples) float array or tensor at ``cfg.sample_rate``.
+    waveforms : float array (B, n_samples) at ``cfg.sample_rate``.
     cfg : the front-end configuration (defaults if None).
-    batch_size : waveforms per STFT call; None = 1 on a CPU (fastest: the spectrogram stays in
-        cache), all at once on an accelerator.
 
     Returns
     -------
-    (B, n_mels, 1 + n_samples // hop_length) float32, numpy for numpy input, else a tensor on the
-    input's device.
+    float32 (B, n_mels, 1 + n_samples // hop_length).
     """
     cfg = cfg or AudioConfig()
-    as_numpy = not isinstance(waveforms, torch.Tensor)
-    x = torch.from_numpy(np.asarray(waveforms, dtype=np.float32)) if as_numpy else waveforms.float()
+    x = np.asarray(waveforms, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"logmel expects (batch, samples) waveforms, got shape {tuple(x.shape)}")
-    window, filters = _kernels(cfg, str(x.device))
-    if batch_size is None:
-        batch_size = 1 if x.device.type == "cpu" else max(1, len(x))
-    out = []
-    with torch.no_grad():
-        for chunk in x.split(batch_size):
-            spec = torch.stft(
-                chunk, cfg.n_fft, cfg.hop_length, window=window, center=True,
-                pad_mode="constant", return_complex=True,
-            )  # (b, 1 + n_fft // 2, frames) complex
-            power = spec.real.square() + spec.imag.square()
-            b, n_bins, frames = power.shape
-            mel = torch.sparse.mm(filters, power.transpose(0, 1).reshape(n_bins, b * frames))
-            mel = mel.reshape(cfg.n_mels, b, frames).transpose(0, 1)  # (b, n_mels, frames)
-            out.append(10.0 * torch.log10(mel.clamp_min(cfg.log_floor)))
-    result = torch.cat(out) if out else x.new_empty((0, cfg.n_mels, frame_count(x.shape[1], cfg)))
-    return result.numpy() if as_numpy else result
+        raise ValueError(f"logmel expects (batch, samples) waveforms, got shape {x.shape}")
+    window, filters = _kernels(cfg)
+    out = np.empty((len(x), cfg.n_mels, frame_count(x.shape[1], cfg)), dtype=np.float32)
+    for i, y in enumerate(x):
+        padded = np.pad(y, cfg.n_fft // 2)
+        frames = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[:: cfg.hop_length]
+        spec = scipy.fft.rfft(frames * window, axis=-1, workers=1)  # (frames, bins) complex64
+        power = np.square(spec.real)
+        power += np.square(spec.imag)
+        mel = filters @ np.ascontiguousarray(power.T)  # (n_mels, frames)
+        np.log10(np.maximum(mel, cfg.log_floor), out=out[i])
+    out *= 10.0
+    return out
 
 
 def file_to_logmel(path: str | Path, cfg: AudioConfig | None = None) -> np.ndarray:

@@ -257,6 +257,8 @@ class Extracted:
     offset: float | None
     padded: bool
     error: str | None
+    decoder: str | None = None  # the decoder that delivered the excerpt (sonicrec.decode)
+    notes: tuple[str, ...] = ()  # what the decoder libraries printed about the file
 
 
 def extract_track(track_id: str, path: str | None, cfg: AudioConfig) -> Extracted:
@@ -269,7 +271,10 @@ def extract_track(track_id: str, path: str | None, cfg: AudioConfig) -> Extracte
             raise AudioError(f"track {track_id} has no audio path in the catalog")
         excerpt = load_excerpt(path, cfg)
         features = excerpt_logmel(excerpt, cfg, path).astype(DTYPE)
-        return Extracted(track_id, features, excerpt.duration, excerpt.offset, excerpt.padded, None)
+        return Extracted(
+            track_id, features, excerpt.duration, excerpt.offset, excerpt.padded, None,
+            excerpt.decoder, excerpt.notes,
+        )
     except AudioError as exc:
         return Extracted(track_id, None, None, None, False, str(exc))
     except Exception as exc:  # a decoder bug or exhausted memory must not stop a catalog
@@ -333,13 +338,18 @@ def tracks_to_extract(
 
 
 def mark_extracted(track: Track, result: Extracted) -> Track:
-    """The catalog row of a track after extraction: ``ok`` with its duration and excerpt, or
-    ``failed`` with the reason (``result.features`` is not looked at)."""
+    """The catalog row of a track after extraction: ``ok`` with its duration, excerpt, decoder and
+    the decoder's notes (meta ``decoder``, ``decoder_notes``), or ``failed`` with the reason
+    (``result.features`` is not looked at)."""
     if result.error is not None:
         track.status, track.error = "failed", result.error
         return track
     track.status, track.error, track.duration = "ok", None, result.duration
-    track.meta = {**track.meta, "excerpt_offset": result.offset, "excerpt_padded": result.padded}
+    meta = {k: v for k, v in track.meta.items() if k != "decoder_notes"}
+    meta.update(excerpt_offset=result.offset, excerpt_padded=result.padded, decoder=result.decoder)
+    if result.notes:
+        meta["decoder_notes"] = list(result.notes)
+    track.meta = meta
     return track
 
 

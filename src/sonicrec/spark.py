@@ -44,9 +44,10 @@ from sonicrec.rundir import RunDir
 log = logging.getLogger(__name__)
 
 _STAGING_PREFIX = ".spark-staging-"  # inside the feature store: same file system, so shards are renamed
-_EXTRACT_COLUMNS = ["track_id", "error", "duration", "offset", "padded", "staging"]
+_EXTRACT_COLUMNS = ["track_id", "error", "duration", "offset", "padded", "decoder", "notes", "staging"]
 _EXTRACT_SCHEMA = (
-    "track_id string, error string, duration double, offset double, padded boolean, staging string"
+    "track_id string, error string, duration double, offset double, padded boolean, decoder string, "
+    "notes array<string>, staging string"
 )
 _PREDICT_SCHEMA = "track_id string, error string, factors array<float>"
 # pyspark 4 with pandas 3 warns on every conversion; the conversions sonicrec uses work
@@ -92,7 +93,8 @@ def _extract_partition(
                 result = extract_track(track_id, path, cfg)
                 if result.features is not None:
                     writer.add(track_id, result.features)
-                rows.append((track_id, result.error, result.duration, result.offset, result.padded, root))
+                rows.append((track_id, result.error, result.duration, result.offset, result.padded,
+                             result.decoder, list(result.notes), root))
             yield pd.DataFrame(rows, columns=_EXTRACT_COLUMNS).astype({"staging": str})
 
 
@@ -101,7 +103,8 @@ def extract_features(tracks, staging: str | Path, cfg: AudioConfig, *, shard_siz
 
     Every task writes a feature store ``staging/part-PPPPP-A`` (partition P, attempt A). Returns a
     DataFrame with one row per track: ``track_id``, ``error`` (null when extracted), ``duration``,
-    ``offset``, ``padded`` (the excerpt) and ``staging`` (the store holding its features); only
+    ``offset``, ``padded`` (the excerpt), ``decoder``, ``notes`` (what the decoder printed) and
+    ``staging`` (the store holding its features); only
     stores named there come from successful task attempts.
     """
     body = partial(_extract_partition, staging=str(Path(staging).resolve()), cfg=cfg, shard_size=shard_size)
@@ -173,7 +176,10 @@ def _as_extracted(row) -> Extracted:
     """A result row of :func:`extract_features` with plain Python values (no features)."""
     if isinstance(row.error, str):
         return Extracted(row.track_id, None, None, None, False, row.error)
-    return Extracted(row.track_id, None, float(row.duration), float(row.offset), bool(row.padded), None)
+    return Extracted(
+        row.track_id, None, float(row.duration), float(row.offset), bool(row.padded), None,
+        row.decoder, tuple(row.notes if row.notes is not None else ()),
+    )
 
 
 # --- prediction ---------------------------------------------------------------------------------
