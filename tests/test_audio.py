@@ -227,7 +227,7 @@ def test_real_recordings_decode():
     assert features.max() > 0 > features.min() >= 10 * np.log10(cfg.log_floor)
 
 
-def test_pedalboard_decodes_what_soundfile_cannot_open(tmp_path, monkeypatch):
+def test_pyav_decodes_what_soundfile_cannot_open(tmp_path, monkeypatch):
     import soundfile
 
     path = tmp_path / "stereo.flac"
@@ -240,5 +240,6 @@ def test_pedalboard_decodes_what_soundfile_cannot_open(tmp_path, monkeypatch):
 
     monkeypatch.setattr(soundfile, "SoundFile", refuse)
     fallback = load_excerpt(path, SHORT)
+    assert (expected.decoder, fallback.decoder) == ("soundfile", "pyav")
     assert fallback.duration == pytest.approx(expected.duration)
     np.testing.assert_allclose(fallback.samples, expected.samples, atol=1e-4)
