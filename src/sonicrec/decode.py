@@ -8,9 +8,10 @@ a file, or that fails or stops short in the middle of a read, hands over to the 
 reads the same frames again.
 
 Every decoder counts frames the same way, from the first sample of the decoded signal (encoder
-delay and priming removed, the stream's ``start_time`` subtracted), so a position names the same
-sample whichever decoder delivers it; the track's length is the one announced by the first decoder
-that opened the file. What a decoder library prints about the file (mpg123's "Note:" lines,
+delay, priming and Opus pre-skip removed; for PyAV, timestamps taken relative to the first decoded
+frame's, not to the container's ``start_time``), so a position names the same sample whichever
+decoder delivers it; the track's length is the one announced by the first decoder that opened
+the file. What a decoder library prints about the file (mpg123's "Note:" lines,
 FFmpeg's packet errors) never reaches stderr: it is kept in :attr:`AudioSource.notes`.
 
 >>> with AudioSource("song.mp3") as src:                      # doctest: +SKIP
