@@ -235,3 +235,15 @@ def test_csv_header_without_newline_and_cr_only_lines(tmp_path):
     mac = _write(tmp_path / "m.csv", "user_id,track_id,count\ru,s,1\r")
     with pytest.raises(DataError, match="carriage return alone"):
         read_play_matrix(mac, "csv", show_progress=False)
+
+
+def test_rows_pyarrow_cannot_hand_over_are_malformed_rows_not_a_crash(tmp_path):
+    # a row with too few fields that is not UTF-8 (pyarrow's handler fails on it), a CR inside a line
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"u1\ts1\t2\n\xb4\xff\xfe junk\nu2\ts\r2\t3\nu3\ts3\t4\r\nu4\ts1\t1\n")
+    m = read_play_matrix(path, "triplets", show_progress=False)
+    assert list(m.user_ids) == ["u1", "u3", "u4"] and m.report.n_malformed == 2 and m.report.n_rows == 5
+    assert [e.split(":")[0] for e in m.report.examples] == ["line 2", "line 3"]
+    mac = _write(tmp_path / "mac.txt", "u1\ts1\t2\ru2\ts1\t3\r")
+    with pytest.raises(DataError, match="carriage return alone"):
+        read_play_matrix(mac, "triplets", show_progress=False)

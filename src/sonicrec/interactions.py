@@ -325,8 +325,6 @@ def _assemble(rows, cols, counts, users: _IdCodes, songs: _IdCodes, report) -> P
 
 
 def _text_batches(path, fmt, user_col, track_col, count_col, delimiter, show_progress) -> Iterator[_Batch]:
-    import pyarrow.csv as pcsv
-
     quoted = fmt == "csv"
     with pa.input_stream(str(path), compression="detect") as stream, tqdm(
         total=path.stat().st_size if not _compressed(path) else None,
@@ -348,22 +346,10 @@ def _text_batches(path, fmt, user_col, track_col, count_col, delimiter, show_pro
             progress.update(len(header))
         else:
             names, delimiter = list(_LAYOUTS[fmt]), "\t"
+            if b"\r" in first and b"\n" not in first:
+                raise DataError(f"{path}: lines end in a carriage return alone (old Mac style): use LF")
         for block in _line_blocks(stream, first):
-            invalid: list[tuple[int, str]] = []
-
-            def on_invalid(row, invalid=invalid):
-                invalid.append((row.number, row.text))
-                return "skip"
-
-            table = pcsv.read_csv(
-                pa.py_buffer(block),
-                read_options=pcsv.ReadOptions(column_names=names, use_threads=False, block_size=BLOCK_BYTES),
-                parse_options=pcsv.ParseOptions(
-                    delimiter=delimiter, quote_char='"' if quoted else False,
-                    ignore_empty_lines=False, invalid_row_handler=on_invalid,
-                ),
-                convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}),
-            )
+            table, invalid = _parse_block(block, names, delimiter, quoted)
             n_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
             lines = np.delete(np.arange(line0, line0 + n_lines), [n - 1 for n, _ in invalid])
             wrong = [(line0 + n - 1, f"expected {len(names)} fields", t) for n, t in invalid[:MAX_REPORTED]]
@@ -378,6 +364,60 @@ def _text_batches(path, fmt, user_col, track_col, count_col, delimiter, show_pro
             batch.n_bad += len(invalid) + n_not_utf8
             batch.examples = sorted(wrong + not_utf8 + batch.examples)[:MAX_REPORTED]
             yield batch
+
+
+def _parse_block(block: bytes, names: list[str], delimiter: str, quoted: bool) -> tuple[pa.Table, list]:
+    """Whole lines -> (table of binary columns, [(line number in the block, text)] of the lines
+    with a wrong number of fields).
+
+    pyarrow also ends a line at a lone CR and cannot hand a malformed row that is not UTF-8 to its
+    handler (it fails the whole block, printing the handler's exception): blocks with either are
+    cut into lines here first, and a line with a CR inside is malformed.
+    """
+    if b"\r" not in block.replace(b"\r\n", b"") and _is_utf8(block):
+        return _read_block(block, names, delimiter, quoted)
+    pieces = block.split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()
+    kept, invalid = [], []
+    for number, line in enumerate(pieces, start=1):
+        body = line.removesuffix(b"\r")
+        if body and (b"\r" in body or _field_count(body, delimiter, quoted) != len(names)):
+            invalid.append((number, body.decode(errors="replace")))
+        else:
+            kept.append((number, line))
+    table, more = _read_block(b"".join(line + b"\n" for _, line in kept), names, delimiter, quoted)
+    return table, sorted(invalid + [(kept[n - 1][0], text) for n, text in more])
+
+
+def _field_count(line: bytes, delimiter: str, quoted: bool) -> int:
+    if quoted:
+        return len(next(csv.reader([line.decode(errors="replace")], delimiter=delimiter)))
+    return line.count(delimiter.encode()) + 1
+
+
+def _read_block(block: bytes, names: list[str], delimiter: str, quoted: bool) -> tuple[pa.Table, list]:
+    """pyarrow's parse of whole lines: (table of binary columns, [(line, text)] of malformed ones)."""
+    import pyarrow.csv as pcsv
+
+    if not block:
+        return pa.table({name: pa.array([], pa.binary()) for name in names}), []
+    invalid: list[tuple[int, str]] = []
+
+    def on_invalid(row) -> str:
+        invalid.append((row.number, row.text))
+        return "skip"
+
+    table = pcsv.read_csv(
+        pa.py_buffer(block),
+        read_options=pcsv.ReadOptions(column_names=names, use_threads=False, block_size=BLOCK_BYTES),
+        parse_options=pcsv.ParseOptions(
+            delimiter=delimiter, quote_char='"' if quoted else False,
+            ignore_empty_lines=False, invalid_row_handler=on_invalid,
+        ),
+        convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}),
+    )
+    return table, invalid
 
 
 def _decode_utf8(table: pa.Table, lines: np.ndarray) -> tuple[pa.Table, np.ndarray, int, list]:
