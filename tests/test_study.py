@@ -57,7 +57,8 @@ def test_pooled_differences_find_a_consistent_gain_and_not_noise() -> None:
 
     gain = study.summarise_seeds({s: seed_results(d) for s, d in enumerate([0.010, 0.012, 0.011])})
     cell = gain["paired"][0]["map@500"]
-    assert cell["p"] < 0.01 and cell["interval"][0] > 0 and cell["significant_seeds"] == 3
+    assert cell["p"] < 0.01 and cell["interval"][0] > 0
+    assert (cell["seeds_above"], cell["seeds_below"]) == (3, 0)
     assert cell["mean"] == pytest.approx(0.011) and cell["sd"] == pytest.approx(0.001)
     noise = study.summarise_seeds({s: seed_results(d) for s, d in enumerate([0.010, -0.012, 0.001])})
     cell = noise["paired"][0]["map@500"]

@@ -147,7 +147,8 @@ def summarise_seeds(per_seed: dict[int, dict], level: float = LEVEL) -> dict:
 
     A pooled difference is the mean of the per-seed differences with a Student-t interval and a
     two-sided t-test across seeds (so it carries the variation of split, factors and training, not
-    only of users); ``significant_seeds`` counts the seeds whose own bootstrap interval excludes 0.
+    only of users); ``seeds_above`` / ``seeds_below`` count the seeds whose own bootstrap interval
+    lies wholly above / below 0.
     """
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
@@ -170,8 +171,10 @@ def summarise_seeds(per_seed: dict[int, dict], level: float = LEVEL) -> dict:
         entry = {"model": pair["model"], "baseline": pair["baseline"]}
         for key in keys[:3]:
             diffs = [f[key]["diff"] for f in found]
-            significant = sum(_excludes_zero(f[key]["interval"], f[key]["diff"]) for f in found)
-            entry[key] = {**_spread(diffs), **_t_test(diffs, level), "significant_seeds": significant}
+            above = sum(f[key]["interval"][0] > 0 for f in found)
+            below = sum(f[key]["interval"][1] < 0 for f in found)
+            entry[key] = {**_spread(diffs), **_t_test(diffs, level),
+                          "seeds_above": above, "seeds_below": below}
         paired.append(entry)
     data = {str(s): per_seed[s]["data"] for s in seeds}
     return {"seeds": seeds, "level": level, "keys": keys, "data": data, "models": models, "paired": paired}
@@ -180,10 +183,6 @@ def summarise_seeds(per_seed: dict[int, dict], level: float = LEVEL) -> dict:
 def _find_pair(results: dict, model: str, baseline: str) -> dict | None:
     return next((p for p in results.get("paired", []) if (p["model"], p["baseline"]) == (model, baseline)),
                 None)
-
-
-def _excludes_zero(interval: list[float], diff: float) -> bool:
-    return (interval[0] > 0 and diff > 0) or (interval[1] < 0 and diff < 0)
 
 
 def _spread(values: list[float]) -> dict:
@@ -222,17 +221,15 @@ def study_markdown(study: dict) -> str:
     lines += [
         "",
         f"Paired differences pooled over seeds: mean of the per-seed differences, {level}% Student-t "
-        f"interval and two-sided p across the {len(seeds)} seeds; 'seeds' counts the seeds whose own "
-        f"{level}% bootstrap interval (over users) excludes zero.",
+        f"interval and two-sided p across the {len(seeds)} seeds; 'seeds +/-': how many seeds' own "
+        f"{level}% bootstrap interval (over users) lies wholly above / below zero.",
         "",
-        "| model - baseline | " + " | ".join(f"diff {k} [{level}%] | p | seeds" for k in keys[:3]) + " |",
+        "| model - baseline | " + " | ".join(f"diff {k} [{level}%] | p | seeds +/-" for k in keys[:3]) + " |",
         "|---|" + "---:|---:|---:|" * 3,
     ]
     for pair in study["paired"]:
-        cells = [
-            f"{_mean_interval(pair[k])} | {pair[k]['p']:.3f} | {pair[k]['significant_seeds']}/{len(seeds)}"
-            for k in keys[:3]
-        ]
+        cells = [f"{_mean_interval(pair[k])} | {pair[k]['p']:.3f} | "
+                 f"{pair[k]['seeds_above']}/{pair[k]['seeds_below']}" for k in keys[:3]]
         lines.append(f"| {pair['model']} - {pair['baseline']} | " + " | ".join(cells) + " |")
     lines += ["", f"Per seed, {keys[0]} (each seed's full table: seed-N/evaluation/results.md):", "",
               "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds)]
