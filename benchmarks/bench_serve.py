@@ -1,35 +1,39 @@
-"""Web-service load test: similar-songs requests per second and latency at 1M indexed songs.
+"""Web-service load test: an open-loop generator at fixed offered rates, with and without uploads.
 
-Builds once (cached under ``--work``) a run directory of SIMULATED data: ``--songs`` songs with
-synthetic 40-d factors (clustered like WMF factors), 95% "played" (true factors, HNSW index) and 5%
-"cold" (audio-predicted factors, their own index), 10,000 users and a catalog with a row per song.
-Then it starts ``sonicrec serve`` in a subprocess on 127.0.0.1 and drives it from this process over
-keep-alive HTTP/1.1 connections, loopback only:
+Starts ``sonicrec serve`` in a subprocess on 127.0.0.1 (loopback only) and drives it from this
+process over keep-alive HTTP/1.1 connections. Each phase sends ``GET /api/similar?id=RANDOM&n=10``
+or ``GET /api/recommend?user=RANDOM&n=10`` on a fixed schedule, request i due at ``start + i/rate``,
+and counts its latency from that scheduled time, so a server that falls behind shows its queue
+(no coordinated omission). A phase is bounded in count (``rate * duration`` requests) and in time
+(a request not answered ``--timeout`` s after its due time is an error). Reported per phase:
+achieved rate (answers with status 200 per second), p50/p90/p99/max latency, errors by kind
+(status code, timeout, connection reset), and the CPU share of this generator and of the server's
+processes, so a saturated generator is visible. With ``--uploads`` every phase runs twice: alone,
+and with a stream of uploads alongside (one POST /api/upload of a 30-s WAV at a time, continuously).
 
-1. closed loop: ``--connections`` clients each send GET /api/similar?id=RANDOM&n=10 back to back,
-   ``--requests`` requests in all (stopped after ``--duration`` s): the highest rate;
-2. open loop: the same requests sent on a fixed schedule at ``--rate`` per second (latency counted
-   from the scheduled time, so a stalled server cannot hide its queue): p99 at the target rate;
-3. reference, same process and server: the closed loop on GET /api/info (routing and JSON, no
-   search): the HTTP floor of this machine.
+The world: ``--run RUN`` (e.g. a copy of the demo) or, by default, a cached run directory of
+SIMULATED data with ``--songs`` songs (synthetic 40-d clustered factors, 95% "played", 5% "cold"
+with noisy predicted factors, 10,000 users, a catalog row per song, and an untrained CNN
+checkpoint of the default architecture for uploads: the cost of an upload, not its quality).
 
-The server and this client share the machine's cores (and, on the development machine, other jobs
-do too): the load average is printed.
-
-    python benchmarks/bench_serve.py                          # 1M songs
-    python benchmarks/bench_serve.py --songs 100000 --requests 2000
+    python benchmarks/bench_serve.py --songs 1000000 --workers 2 --uploads
+    python benchmarks/bench_serve.py --run /tmp/demo --rates 200 500 --duration 10
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
+import json
 import os
-import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,10 @@ from sonicrec.rundir import RunDir
 N_USERS = 10_000
 DIMS = 40
 COLD_FRACTION = 0.05
+HOST = "127.0.0.1"
+
+
+# --- the simulated world ------------------------------------------------------------------------
 
 
 def simulated_factors(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,10 +71,11 @@ def build_run(root: Path, n_songs: int, seed: int = 0) -> RunDir:
     """A run directory of simulated data (factors, cold predictions, plays, catalog), and its indexes."""
     run = RunDir(root)
     if (run.root / "READY").exists():
+        write_untrained_checkpoint(run)
         return run
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    Config().save(run.config)  # the default index: HNSW (M=16, ef_construction=200, ef=100)
+    Config().save(run.config)  # the default index: HNSW (M=16, ef_construction=200, ef=400)
     ids = np.array([f"s{i:07d}" for i in range(n_songs)])
     split = np.where(rng.random(n_songs) < COLD_FRACTION, "test", "train")
     songs = simulated_factors(n_songs, rng)
@@ -97,148 +106,380 @@ def build_run(root: Path, n_songs: int, seed: int = 0) -> RunDir:
     t0 = time.perf_counter()
     Recommender.load(run.root, "cnn-mse", show_progress=True)  # builds and caches the HNSW indexes
     print(f"indexes built in {time.perf_counter() - t0:.0f} s")
+    write_untrained_checkpoint(run)
     (run.root / "READY").touch()
     return run
 
 
-async def _request(reader, writer, path: str) -> int:
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
+def write_untrained_checkpoint(run: RunDir, model: str = "cnn-mse") -> None:
+    """RUN/model/MODEL/checkpoint.pt of a seeded, untrained CNN of the default architecture."""
+    import torch
+
+    from sonicrec.model import AudioCNN
+    from sonicrec.train import CHECKPOINT_FORMAT
+
+    path = run.model / model / "checkpoint.pt"
+    if path.exists():
+        return
+    config = Config()
+    torch.manual_seed(0)
+    net = AudioCNN(config.model)
+    n_mels = config.model.n_mels
+    state = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "loss": "mse", "target": "unit",
+             "best_model": net.state_dict(),
+             "input_norm": {"mean": torch.zeros(n_mels), "std": torch.ones(n_mels)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def upload_body(seconds: float = 30.0, sample_rate: int = 22050) -> tuple[bytes, str]:
+    """A multipart/form-data body holding a WAV of simulated tones, and its content type."""
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t * (1 + 0.1 * np.sin(2 * np.pi * 0.5 * t)))
+    wav = io.BytesIO()
+    sf.write(wav, tone.astype(np.float32), sample_rate, format="WAV", subtype="PCM_16")
+    boundary = "sonicrec-bench-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"tone.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode() + wav.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+# --- HTTP over loopback -------------------------------------------------------------------------
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a port something already listens on (its answers would be taken for the server's)."""
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError as exc:
+            raise SystemExit(f"port {port} on {HOST} is busy ({exc.strerror}): choose another --port") \
+                from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+async def request(reader, writer, method: str, path: str, body: bytes = b"",
+                  content_type: str = "") -> tuple[int, bytes]:
+    """One HTTP/1.1 request on an open keep-alive connection: (status, body)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n"
+    if body:
+        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"\r\n" + body)
+    answer = await reader.readuntil(b"\r\n\r\n")
     length = 0
-    for line in head.split(b"\r\n"):
+    for line in answer.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
-    await reader.readexactly(length)
-    return int(head[9:12])
+    return int(answer[9:12]), await reader.readexactly(length)
 
 
-async def closed_loop(port: int, paths: list[str], connections: int, duration: float) -> dict:
-    """Each connection sends the next request when its previous answer is in."""
-    todo = iter(paths)
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + duration
+@dataclass
+class Phase:
+    """What one open-loop phase measured; latencies in seconds from each request's due time."""
 
-    async def client() -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for path in todo:
-            if time.perf_counter() > deadline:
-                break
-            t0 = time.perf_counter()
-            errors += await _request(reader, writer, path) != 200
-            latencies.append(time.perf_counter() - t0)
-        writer.close()
+    offered: float
+    latencies: list[float] = field(default_factory=list)
+    outcomes: Counter = field(default_factory=Counter)  # "200", "503", "timeout", "ConnectionResetError"
+    elapsed: float = 0.0
+    client_cpu: float = 0.0  # CPU-seconds of this process / elapsed: share of one core
+    server_cpu: float = 0.0
 
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(connections)))
-    return _summary(latencies, errors, time.perf_counter() - start)
+    @property
+    def errors(self) -> int:
+        return sum(n for kind, n in self.outcomes.items() if kind != "200")
+
+    def row(self, name: str) -> str:
+        ms = np.asarray(self.latencies) * 1000 if self.latencies else np.full(1, np.nan)
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        errors = ", ".join(f"{n} {kind}" for kind, n in sorted(self.outcomes.items()) if kind != "200") or "0"
+        return (f"| {name} | {self.offered:.0f}/s | {self.outcomes['200'] / self.elapsed:.0f}/s | "
+                f"{p50:.1f} / {p90:.1f} / {p99:.1f} / {ms.max():.0f} ms | {errors} | "
+                f"{100 * self.client_cpu:.0f}% | {100 * self.server_cpu:.0f}% |")
 
 
-async def open_loop(port: int, paths: list[str], rate: float, duration: float, pool: int = 64) -> dict:
-    """Request i is due at start + i / rate; latency counts from then (no coordinated omission)."""
-    free: asyncio.Queue = asyncio.Queue()
-    for _ in range(pool):
-        free.put_nowait(await asyncio.open_connection("127.0.0.1", port))
-    latencies: list[float] = []
-    errors = 0
-    start = time.perf_counter()
-    n = min(len(paths), int(rate * duration))
+async def open_loop(port: int, paths: list[str], rate: float, duration: float, *,
+                    max_connections: int = 256, timeout: float = 5.0) -> Phase:
+    """Send ``paths`` (at most ``rate * duration``) on a fixed schedule; latency from the due time.
+
+    Connections are opened as needed, at most ``max_connections``; a request waiting for one
+    keeps its due time. Every outcome is counted once, after its request finished.
+    """
+    phase = Phase(offered=rate)
+    free: list = []
+    opened = 0
+    available = asyncio.Condition()
+
+    async def connection():
+        nonlocal opened
+        async with available:
+            while not free and opened >= max_connections:
+                await available.wait()
+            if free:
+                return free.pop()
+            opened += 1
+        try:
+            return await asyncio.open_connection(HOST, port)
+        except OSError:
+            opened -= 1
+            raise
+
+    async def give_back(conn) -> None:
+        nonlocal opened
+        async with available:
+            if conn is None:
+                opened -= 1
+            else:
+                free.append(conn)
+            available.notify()
 
     async def one(due: float, path: str) -> None:
-        nonlocal errors
-        reader, writer = await free.get()
-        errors += await _request(reader, writer, path) != 200
-        latencies.append(time.perf_counter() - due)
-        free.put_nowait((reader, writer))
-
-    tasks = []
-    for i, path in enumerate(paths[:n]):
-        due = start + i / rate
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(due, path)))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
-    while not free.empty():
-        free.get_nowait()[1].close()
-    return _summary(latencies, errors, elapsed)
-
-
-def _summary(latencies: list[float], errors: int, elapsed: float) -> dict:
-    ms = np.asarray(latencies) * 1000
-    return {"n": len(ms), "errors": errors, "rate": len(ms) / elapsed, "p50": np.percentile(ms, 50),
-            "p99": np.percentile(ms, 99), "max": ms.max()}
-
-
-def _line(name: str, s: dict) -> str:
-    return (f"{name:<34} {s['n']:>6} req {s['rate']:>7.0f} req/s  p50 {s['p50']:6.1f} ms  "
-            f"p99 {s['p99']:6.1f} ms  max {s['max']:6.1f} ms  errors {s['errors']}")
-
-
-def wait_ready(port: int, server: subprocess.Popen, timeout: float) -> None:
-    async def probe() -> bool:
+        conn = None
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        status = await _request(reader, writer, "/api/info")
+            async with asyncio.timeout_at(loop_start + (due - start) + timeout):
+                conn = await connection()
+                status, _ = await request(*conn, "GET", path)
+            kind = str(status)
+        except TimeoutError:
+            kind = "timeout"
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            kind = type(exc).__name__
+        if not kind.isdigit():  # a timeout or a broken connection: its state is unknown
+            if conn is not None:
+                conn[1].close()
+            conn = None
+        await give_back(conn)
+        phase.outcomes[kind] += 1  # no await between reading and writing the counter
+        if kind == "200":
+            phase.latencies.append(time.perf_counter() - due)
+
+    n = min(len(paths), int(rate * duration))
+    cpu0, start = time.process_time(), time.perf_counter()
+    loop_start = asyncio.get_running_loop().time()
+    tasks, i = [], 0
+    while i < n:
+        now = time.perf_counter()
+        while i < n and start + i / rate <= now:
+            tasks.append(asyncio.create_task(one(start + i / rate, paths[i])))
+            i += 1
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+    await asyncio.gather(*tasks)
+    phase.elapsed = time.perf_counter() - start
+    phase.client_cpu = (time.process_time() - cpu0) / phase.elapsed
+    for _, writer in free:
         writer.close()
-        return status == 200
+    return phase
+
+
+@dataclass
+class UploadStream:
+    """Uploads sent one at a time, back to back, while a phase runs."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    seconds: list[float] = field(default_factory=list)
+
+    async def run(self, port: int, body: bytes, content_type: str, stop: asyncio.Event) -> None:
+        conn = await asyncio.open_connection(HOST, port)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                status, _ = await request(*conn, "POST", "/api/upload?n=10", body, content_type)
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                self.outcomes[type(exc).__name__] += 1
+                conn = await asyncio.open_connection(HOST, port)
+                continue
+            self.outcomes[str(status)] += 1
+            self.seconds.append(time.perf_counter() - t0)
+            if status == 503:
+                await asyncio.sleep(0.5)
+        conn[1].close()
+
+    def summary(self) -> str:
+        median = f"{np.median(self.seconds):.2f} s each" if self.seconds else "none answered"
+        return f"{sum(self.outcomes.values())} uploads ({dict(self.outcomes)}), {median}"
+
+
+async def measure(port: int, paths: list[str], rate: float, duration: float, server_pid: int,
+                  upload: tuple[bytes, str] | None, timeout: float) -> tuple[Phase, UploadStream | None]:
+    """One phase, with an upload stream alongside when ``upload`` is given."""
+    stop, stream, task = asyncio.Event(), None, None
+    if upload is not None:
+        stream = UploadStream()
+        task = asyncio.create_task(stream.run(port, *upload, stop))
+        await asyncio.sleep(1.0)  # the first upload is under way
+    cpu0 = process_tree_cpu(server_pid)
+    phase = await open_loop(port, paths, rate, duration, timeout=timeout)
+    phase.server_cpu = (process_tree_cpu(server_pid) - cpu0) / phase.elapsed
+    if task is not None:
+        stop.set()
+        await task
+    return phase, stream
+
+
+# --- the server's processes ---------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU-seconds used so far by ``pid`` and its living descendants."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_memory(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MiB of ``pid`` and its descendants; PSS splits shared pages between processes."""
+    rss = pss = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss / 1024, pss / 1024
+
+
+def start_server(run: RunDir, port: int, workers: int, extra: list[str]) -> subprocess.Popen:
+    check_port_free(port)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sonicrec.cli", "-q", "serve", str(run.root), "--port", str(port),
+         "--workers", str(workers), *extra],
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def wait_ready(port: int, server: subprocess.Popen, run: RunDir, timeout: float) -> dict:
+    """/api/info of the server we started (its run's name), once it answers; else exit."""
+
+    async def probe() -> dict | None:
+        try:
+            conn = await asyncio.open_connection(HOST, port)
+        except OSError:
+            return None
+        try:
+            status, body = await request(*conn, "GET", "/api/info")
+        finally:
+            conn[1].close()
+        return json.loads(body) if status == 200 else None
 
     deadline = time.monotonic() + timeout
-    while not asyncio.run(probe()):
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the server did not start")
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with status {server.returncode} before answering")
+        info = asyncio.run(probe())
+        if info is not None:
+            if info.get("run") != run.root.name:
+                raise SystemExit(f"port {port} answers for run {info.get('run')!r}, not {run.root.name!r}")
+            return info
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the server did not answer within {timeout:.0f} s")
         time.sleep(0.5)
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def run_phases(args, run: RunDir, port: int, server: subprocess.Popen) -> None:
+    factors = Factors.load(run.factors)
+    rng = np.random.default_rng(1)
+    upload = upload_body() if args.uploads else None
+    targets = {"similar": ("/api/similar?id={}&n=10", factors.song_ids),
+               "recommend": ("/api/recommend?user={}&n=10", factors.user_ids)}
+    print("| endpoint | offered | achieved | p50 / p90 / p99 / max | errors | generator CPU | server CPU "
+          "| load (1 min) |")
+    print("|---|---:|---:|---|---|---:|---:|---:|")
+    for endpoint in args.endpoints:
+        template, ids = targets[endpoint]
+
+        def draw(n: int, template=template, ids=ids) -> list[str]:
+            return [template.format(s) for s in ids[rng.integers(0, len(ids), n)].tolist()]
+
+        asyncio.run(open_loop(port, draw(400), 200, 2.0))  # warm-up
+        for rate in args.rates:
+            for with_uploads in ([False, True] if upload else [False]):
+                time.sleep(1.0)
+                load = os.getloadavg()[0]
+                phase, stream = asyncio.run(measure(
+                    port, draw(int(rate * args.duration)), rate, args.duration, server.pid,
+                    upload if with_uploads else None, args.timeout,
+                ))
+                name = f"{endpoint}{' + uploads' if with_uploads else ''}"
+                print(f"{phase.row(name)} {load:.1f} -> {os.getloadavg()[0]:.1f} |", flush=True)
+                if stream is not None:
+                    print(f"|  | uploads alongside: {stream.summary()} | | | | | | |", flush=True)
+    rss, pss = process_tree_memory(server.pid)
+    print(f"server memory after the runs: RSS {rss:,.0f} MiB, PSS {pss:,.0f} MiB "
+          f"({args.workers} worker(s), their parent and any upload processes)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--songs", type=int, default=1_000_000)
+    parser.add_argument("--run", type=Path, help="an existing run directory (default: a simulated one)")
+    parser.add_argument("--songs", type=int, default=1_000_000, help="songs of the simulated run")
     parser.add_argument("--work", type=Path, help="cache of the simulated run (default ~/.cache/sonicrec)")
-    parser.add_argument("--requests", type=int, default=5000, help="requests per phase (5000)")
-    parser.add_argument("--duration", type=float, default=30.0, help="longest phase, seconds (30)")
-    parser.add_argument("--connections", type=int, default=8, help="closed-loop connections (8)")
-    parser.add_argument("--rate", type=float, default=500.0, help="open-loop requests per second (500)")
+    parser.add_argument("--rates", type=float, nargs="+", default=[200, 500, 1000, 2000])
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per phase (30)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="a request later than this is an error")
+    parser.add_argument("--endpoints", nargs="+", choices=["similar", "recommend"],
+                        default=["similar", "recommend"])
+    parser.add_argument("--uploads", action="store_true", help="also run each phase with uploads alongside")
     parser.add_argument("--workers", type=int, default=1, help="server processes (1)")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    parser.add_argument("--server-args", default="", help="more options for `sonicrec serve`")
     args = parser.parse_args()
 
-    work = args.work or Path.home() / ".cache" / "sonicrec" / f"bench-serve-{args.songs}"
-    run = build_run(work, args.songs)
-    factors = Factors.load(run.factors)
-    rng = np.random.default_rng(1)
-    queries = factors.song_ids[rng.integers(0, len(factors.song_ids), 2 * args.requests + 500)].tolist()
-    similar = [f"/api/similar?id={s}&n=10" for s in queries]
-
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sonicrec.cli", "-q", "serve", str(run.root), "--port", str(args.port),
-         "--workers", str(args.workers)],
-        stdout=subprocess.DEVNULL,
-    )
+    if args.run is not None:
+        run = RunDir(args.run)
+    else:
+        work = args.work or Path.home() / ".cache" / "sonicrec" / f"bench-serve-{args.songs}"
+        run = build_run(work, args.songs)
+    port = args.port or free_port()
+    server = start_server(run, port, args.workers, args.server_args.split())
     try:
         t0 = time.perf_counter()
-        wait_ready(args.port, server, timeout=600)
-        print(f"server ready in {time.perf_counter() - t0:.1f} s ({len(factors.song_ids):,} songs, "
-              f"{int((factors.split != 'train').sum()):,} cold)")
-        asyncio.run(closed_loop(args.port, similar[:500], args.connections, args.duration))  # warm-up
-        load = os.getloadavg()[0]
-        info = asyncio.run(closed_loop(args.port, ["/api/info"] * args.requests, args.connections,
-                                       args.duration))
-        top = asyncio.run(closed_loop(args.port, similar[500 : 500 + args.requests], args.connections,
-                                      args.duration))
-        steady = asyncio.run(open_loop(args.port, similar[500 + args.requests :], args.rate, args.duration))
+        info = wait_ready(port, server, run, timeout=900)
+        print(f"server ready in {time.perf_counter() - t0:.1f} s: {info['n_warm_songs']:,} played + "
+              f"{info['n_cold_songs']:,} cold songs, {info['n_users']:,} users; {args.workers} worker(s); "
+              f"{os.cpu_count()} cores; this generator and the server share them")
+        run_phases(args, run, port, server)
     finally:
         server.send_signal(signal.SIGINT)  # a clean shutdown, as Ctrl-C
-        server.wait(30)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} "
-          f"before the runs; {args.workers} server process(es) and this client on the same cores")
-    print(_line("reference: /api/info, closed loop", info))
-    print(_line(f"/api/similar, closed loop ({args.connections} conn)", top))
-    print(_line(f"/api/similar, open loop {args.rate:.0f}/s", steady))
-    print(f"similar / info throughput: {top['rate'] / info['rate']:.2f}")
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 if __name__ == "__main__":

@@ -878,6 +878,41 @@ def _run_analyse(args: argparse.Namespace) -> None:
     print(f"written: {page} ({report['seconds']['total']:.0f} s)")
 
 
+# --- neighbours ---------------------------------------------------------------------------------
+
+
+def _add_neighbours(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "neighbours",
+        help="precompute every song's similar songs and every user's top songs (served without search)",
+        description=(
+            "Ask the run's indexes for the similar songs of every catalog song and the top songs of "
+            "every user, and store them as memory-mapped arrays in RUN/neighbours/MODEL/. `serve`, "
+            "`similar` and `recommend` answer from them when they hold the answer. Nothing is "
+            "recomputed while the factors, predictions and plays are unchanged."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--model", default="cnn-mse", help="model whose predictions place cold songs (cnn-mse)")
+    p.add_argument("--songs", type=_positive_int, default=25, help="neighbours stored per song (25)")
+    p.add_argument("--users", type=_positive_int, default=50, help="songs stored per user (50)")
+    p.add_argument("--force", action="store_true", help="recompute even when the lists are current")
+    p.set_defaults(func=_run_neighbours)
+
+
+def _run_neighbours(args: argparse.Namespace) -> None:
+    from sonicrec.neighbours import neighbours_run
+
+    lists, computed = neighbours_run(args.run_dir, args.model, songs=args.songs, users=args.users,
+                                     force=args.force, show_progress=args.progress)
+    what = f"{len(lists.song_rows):,} songs x {lists.song_rows.shape[1]}, " \
+           f"{len(lists.user_rows):,} users x {lists.user_rows.shape[1]}"
+    if computed:
+        print(f"written: {lists.path} ({what}; {lists.seconds:.1f} s)")
+    else:
+        print(f"up to date: {lists.path} ({what})")
+
+
 # --- serve --------------------------------------------------------------------------------------
 
 
@@ -926,7 +961,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 _COMMANDS = [
     _add_demo, _add_ingest, _add_factorize, _add_factors, _add_recommend, _add_audience, _add_similar,
     _add_baselines, _add_evaluate, _add_study, _add_learning_curve, _add_train, _add_predict, _add_export,
-    _add_analyse, _add_serve,
+    _add_analyse, _add_neighbours, _add_serve,
 ]
 
 

@@ -69,6 +69,15 @@ class Moments:
         return ((np.asarray(similarities, np.float64) - mean) / std).astype(np.float32)
 
 
+    def z_scores_rows(self, vectors: np.ndarray, similarities: np.ndarray) -> np.ndarray:
+        """:meth:`z_scores` of many vectors at once: ``vectors`` (B, k), one per row of
+        ``similarities`` (B, n) -> float32 (B, n)."""
+        v = np.asarray(vectors, np.float64)
+        mean = v @ self.mean
+        std = np.sqrt(np.maximum(np.einsum("bi,ij,bj->b", v, self.cov, v), _MIN_STD**2))
+        return ((np.asarray(similarities, np.float64) - mean[:, None]) / std[:, None]).astype(np.float32)
+
+
 def mutual_proximity(z_query: np.ndarray, z_candidate: np.ndarray) -> np.ndarray:
     """MP = Phi(z_query) Phi(z_candidate), float32 in [0, 1] (module docstring)."""
     product = ndtr(np.asarray(z_query, np.float64)) * ndtr(np.asarray(z_candidate, np.float64))

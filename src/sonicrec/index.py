@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from sonicrec.config import IndexConfig
@@ -242,11 +243,53 @@ class VectorIndex:
         ids = self._ids[rows]
         return (ids[0], scores[0]) if single else (ids, scores)
 
-    def _query_exact(self, q: np.ndarray, n: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def query_rows(
+        self, vectors: np.ndarray, n: int, *, exclude: sp.csr_matrix | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` best rows for each of many queries, each leaving out its own rows: a batched
+        :meth:`query` (row r is ``ids[r]``), for precomputing answers.
+
+        Row i equals ``query(vectors[i], n, exclude=ids[exclude[i].indices])`` (exactly for the
+        exact backend; for HNSW while ``n`` plus the most rows left out of one query is at most
+        ``config.ef``, since a query's search depth is ``max(ef, k)``).
+
+        Parameters
+        ----------
+        vectors : (B, d) query vectors
+        n : results per query
+        exclude : (B, len(self)) sparse matrix whose non-zero entries are rows never returned
+
+        Returns
+        -------
+        rows : (B, n) int64, best first; -1 where fewer than ``n`` rows remain
+        scores : (B, n) float32; -inf where ``rows`` is -1
+        """
+        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if q.shape[1] != self.n_dims or n <= 0:
+            raise DataError(f"query_rows: vectors of length {self.n_dims} and n > 0, got {q.shape}, n={n}")
+        if exclude is None:
+            exclude = sp.csr_matrix((len(q), len(self)), dtype=np.float32)
+        n_out = min(n, len(self))
+        if n_out == 0:
+            rows, scores = np.empty((len(q), 0), np.int64), np.empty((len(q), 0), np.float32)
+        elif self._graph is None:
+            rows, scores = self._query_exact(q, n_out, exclude.nonzero())
+        else:
+            rows, scores = self._query_graph(q, n_out, exclude)
+        rows = np.where(np.isfinite(scores), rows, -1)
+        pad = n - rows.shape[1]
+        return (np.pad(rows, ((0, 0), (0, pad)), constant_values=-1),
+                np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32))
+
+    def _query_exact(self, q: np.ndarray, n: int, excluded) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``n``; ``excluded``: rows left out of every query, or (query, row) index pairs."""
         if self.metric == "cosine":
             q = unit_rows(q)
         scores = q @ self._matrix.T  # (B, N)
-        scores[:, excluded] = -np.inf
+        if isinstance(excluded, tuple):
+            scores[excluded] = -np.inf
+        else:
+            scores[:, excluded] = -np.inf
         if n < scores.shape[1]:
             top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
             top.sort(axis=1)  # ties are broken by row number below
@@ -256,8 +299,11 @@ class VectorIndex:
         order = np.argsort(-top_scores, axis=1, kind="stable")[:, :n]
         return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
 
-    def _query_graph(self, q: np.ndarray, n: int, excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = min(n + len(excluded), len(self))
+    def _query_graph(self, q: np.ndarray, n: int, excluded) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW top ``n``; ``excluded``: rows left out of every query, or a (B, N) sparse matrix."""
+        per_query = sp.issparse(excluded)
+        most = int(np.diff(excluded.indptr).max(initial=0)) if per_query else len(excluded)
+        k = min(n + most, len(self))
         labels, distances = self._graph.query(
             q[0] if len(q) == 1 else q,
             k=k,
@@ -266,12 +312,19 @@ class VectorIndex:
         )
         labels = np.atleast_2d(labels).astype(np.int64)
         scores = 1.0 - np.atleast_2d(distances)  # both spaces: distance = 1 - similarity
-        if len(excluded) == 0:
+        if most == 0:
             return labels[:, :n], scores[:, :n]
-        keep = ~np.isin(labels, excluded)
+        if per_query:  # (query, row) pairs as one code each
+            pairs = excluded.tocoo()
+            codes = np.arange(len(q))[:, None] * len(self) + labels
+            keep = ~np.isin(codes, pairs.row.astype(np.int64) * len(self) + pairs.col)
+        else:
+            keep = ~np.isin(labels, excluded)
         # each row keeps its first n non-excluded hits (a stable sort moves them to the front)
         order = np.argsort(~keep, axis=1, kind="stable")[:, :n]
-        return np.take_along_axis(labels, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        scores = np.where(np.take_along_axis(keep, order, axis=1), np.take_along_axis(scores, order, axis=1),
+                          -np.inf)
+        return np.take_along_axis(labels, order, axis=1), scores
 
     # --- persistence --------------------------------------------------------------------------
 

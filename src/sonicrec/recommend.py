@@ -44,6 +44,7 @@ from sonicrec.errors import DataError, UnknownIdError
 from sonicrec.factors import Factors, unit_rows
 from sonicrec.hubness import Moments, mutual_proximity
 from sonicrec.index import VectorIndex
+from sonicrec.neighbours import NeighbourLists
 from sonicrec.rundir import RunDir
 from sonicrec.warmup import DEFAULT_BELOW
 
@@ -53,6 +54,7 @@ Query = str | Path  # a track id, or the path of an audio file
 _MAD_FLOOR = 0.01  # smallest spread (cosine distance) used by flag_outliers' robust z-score
 _SAME_SONG = 1 - 1e-5  # cosine above which two factor vectors are one recording's
 _REMEMBERED_FILES = 64  # audio files whose familiarity the Recommender keeps
+_MUTUAL_BLOCK = 1 << 18  # candidates re-ranked at once by a batch of mutual-proximity queries
 
 
 class Ranking(NamedTuple):
@@ -156,6 +158,10 @@ class Recommender:
         self._warm_row = {s: r for r, s in enumerate(self.warm_ids.tolist())}
         self._cold_row = {s: r for r, s in enumerate(self.cold_ids.tolist())}
         self._cold_unit = self._predicted_unit[is_cold]
+        known = pd.Index(factors.song_ids).get_indexer(self.cold_ids)  # -1: a new song, never played
+        self._cold_split = np.where(known >= 0, factors.split[np.maximum(known, 0)], "new")
+        self._song_ids = np.concatenate([self.warm_ids, self.cold_ids])  # the rows of precomputed lists
+        self._lists: NeighbourLists | None = None
         self.blended_ids = self._place_blended(blended)
 
         self._songs_warm = self._index("songs-train", self.warm_ids, self._warm_unit, "cosine")
@@ -223,7 +229,7 @@ class Recommender:
         if warmup_below > 0:
             blended = warmup_vectors(factors, predicted_ids, predicted, plays, config.cf,
                                      below=warmup_below, seed=config.cf.seed)
-        return cls(
+        rec = cls(
             factors,
             predicted_ids,
             predicted,
@@ -236,6 +242,10 @@ class Recommender:
             show_progress=show_progress,
             blended=blended,
         )
+        lists_dir = run.neighbours / model
+        if lists_dir.is_dir():
+            rec.use_lists(NeighbourLists.load(lists_dir))
+        return rec
 
     # --- the four questions -------------------------------------------------------------------
 
@@ -267,6 +277,10 @@ class Recommender:
         Ranking of song ids, scores: z-scores within the song's group, or ``x_u . y_i / |y_i|`` if raw
         """
         row = self._user_row(user)
+        if include_cold and exclude_played and not raw and self._lists is not None:
+            hit = self._lists.recommend(row, n)
+            if hit is not None:
+                return Ranking(self._song_ids[hit[0]], hit[1])
         x = self.factors.user_factors[row]
         played = self.warm_ids[self._row_cols(self._plays, row)] if exclude_played else ()
         ids, scores = self._nearest_songs(
@@ -306,7 +320,12 @@ class Recommender:
         if track is None:
             return Ranking(*self._nearest_songs(y, n, **options))
         ids, scores = np.array([track]), np.ones(1, dtype=np.float32)
-        if n > 1:
+        hit = None
+        if n > 1 and not raw and self._lists is not None:
+            hit = self._lists.similar(self._song_row(track), n - 1)
+        if hit is not None:
+            ids, scores = np.concatenate([ids, self._song_ids[hit[0]]]), np.concatenate([scores, hit[1]])
+        elif n > 1:
             others, other_scores = self._nearest_songs(y, n - 1, exclude=[track], **options)
             ids, scores = np.concatenate([ids, others]), np.concatenate([scores, other_scores])
         return Ranking(ids, scores)
@@ -348,6 +367,85 @@ class Recommender:
         score = ((distance - median) / spread).astype(np.float32)
         return OutlierFlags(ids, distance, score, np.nan_to_num(score, nan=-np.inf) > threshold)
 
+    # --- every song and every user at once (precomputed by sonicrec.neighbours) ----------------
+
+    def similar_rows(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`similar` answers after the song itself, for many songs at once.
+
+        Parameters
+        ----------
+        rows : (B,) rows of :attr:`song_ids` (warm songs, then cold songs)
+        k : neighbours per song
+
+        Returns
+        -------
+        neighbours : (B, k) int32 rows of :attr:`song_ids`, best first, the song itself left out
+            (-1 pads a row when the catalog is smaller)
+        scores : (B, k) float32, mutual proximity as :meth:`similar` scores them
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        n_warm = len(self.warm_ids)
+        warm, cold = rows < n_warm, rows >= n_warm
+        vectors = np.empty((len(rows), self.factors.n_factors), np.float32)
+        vectors[warm], vectors[cold] = self._warm_unit[rows[warm]], self._cold_unit[rows[cold] - n_warm]
+        own, ones = np.arange(len(rows)), np.ones(len(rows), np.float32)
+        own_warm = sp.csr_matrix((ones[warm], (own[warm], rows[warm])), shape=(len(rows), n_warm))
+        own_cold = sp.csr_matrix((ones[cold], (own[cold], rows[cold] - n_warm)),
+                                 shape=(len(rows), len(self.cold_ids)))
+        return self._nearest_song_rows(vectors, k, [own_warm, own_cold], "mutual")
+
+    def recommend_rows(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`recommend` answers (cold songs included, played songs left out, calibrated),
+        for many users: ``users`` (B,) rows of ``factors.user_ids`` -> (B, n) int32 rows of
+        :attr:`song_ids` (-1 pads) and (B, n) float32 z-scores."""
+        users = np.asarray(users, dtype=np.int64)
+        return self._nearest_song_rows(self.factors.user_factors[users], n, [self._plays[users], None],
+                                       "calibrated")
+
+    def _nearest_song_rows(
+        self, x: np.ndarray, n: int, exclude: list, mode: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Batched :meth:`_nearest_songs`: (B, n) int32 rows of :attr:`song_ids` and (B, n) scores."""
+        norms = np.array([max(float(np.linalg.norm(v)), 1e-12) for v in x], np.float32)  # as one by one
+        directions = x / norms[:, None]
+        (warm_rows, warm_scores), (cold_rows, cold_scores) = [
+            group.scores_rows(directions, n, left_out, mode=mode)
+            for group, left_out in zip(self._groups, exclude, strict=True)
+        ]
+        cold_rows = np.where(cold_rows >= 0, cold_rows + len(self.warm_ids), -1)
+        rows = np.concatenate([warm_rows, cold_rows], axis=1)
+        scores = np.concatenate([warm_scores, cold_scores], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :n]  # as _merge: warm before cold on ties
+        return (np.take_along_axis(rows, order, axis=1).astype(np.int32),
+                np.take_along_axis(scores, order, axis=1).astype(np.float32))
+
+    @property
+    def lists_source(self) -> str:
+        """A hash of everything precomputed lists depend on: song and user vectors, plays, index settings."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self._songs_warm.source, self._songs_cold.source, self._users.source):
+            h.update(part.encode())
+        for array in (self._plays.indptr, self._plays.indices):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
+
+    @property
+    def lists(self) -> NeighbourLists | None:
+        """The precomputed lists in use (None: every query searches)."""
+        return self._lists
+
+    def use_lists(self, lists: NeighbourLists) -> bool:
+        """Answer :meth:`similar` and :meth:`recommend` from precomputed lists when they hold the
+        answer; lists computed from other factors or plays are ignored (False, with a warning)."""
+        expected = (len(self._song_ids), len(self.factors.user_ids))
+        if lists.source != self.lists_source or (len(lists.song_rows), len(lists.user_rows)) != expected:
+            log.warning("ignoring the neighbour lists at %s: computed from other factors or plays; "
+                        "recompute them (sonicrec neighbours)", lists.path)
+            self._lists = None
+            return False
+        self._lists = lists
+        return True
+
     # --- lookups ------------------------------------------------------------------------------
 
     def metadata(self, ids: list[str] | np.ndarray) -> list[dict[str, Any]]:
@@ -371,17 +469,16 @@ class Recommender:
         """"train" (true CF factors), "valid"/"test" (predicted) or "new" (predicted, never played)."""
         if track_id in self._warm_row:
             return "train"
-        if track_id not in self._cold_row:
+        row = self._cold_row.get(track_id)
+        if row is None:
             raise self._unknown_song(track_id)
-        try:
-            return str(self.factors.split[self.factors.song_index([track_id])[0]])
-        except UnknownIdError:
-            return "new"
+        return str(self._cold_split[row])
 
     @property
     def song_ids(self) -> np.ndarray:
-        """(n,) str: every song it places, warm (true CF factors) first, then cold (predicted)."""
-        return np.concatenate([self.warm_ids, self.cold_ids])
+        """(n,) str: every song it places, warm (true CF factors) first, then cold (predicted); the
+        rows of precomputed lists."""
+        return self._song_ids
 
     def song_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every song it places and the unit vector it ranks it by: ids (n,) str, vectors (n, k)."""
@@ -450,6 +547,11 @@ class Recommender:
                 "factors (users with plays of train songs in plays.parquet)"
             ) from None
 
+    def _song_row(self, track: str) -> int:
+        """The row of a known track id in :attr:`song_ids`."""
+        row = self._warm_row.get(track)
+        return row if row is not None else len(self.warm_ids) + self._cold_row[track]
+
     @staticmethod
     def _row_cols(matrix: sp.csr_matrix, row: int) -> np.ndarray:
         return matrix.indices[matrix.indptr[row] : matrix.indptr[row + 1]]
@@ -508,6 +610,40 @@ class _Group:
             mp[sims >= _SAME_SONG] = 1.0  # the query's own recording (an upload of a catalog song) first
         order = np.argsort(-mp, kind="stable")[:n]
         return ids[order], mp[order]
+
+    def scores_rows(
+        self, queries: np.ndarray, n: int, exclude, *, mode: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`scores` of many unit queries (B, k) at once, each leaving out its rows of ``exclude``
+        ((B, len(index)) sparse, or None): (B, n) rows of the index (-1 pads) and scores (-inf pads)."""
+        if len(self.index) == 0:
+            return np.full((len(queries), n), -1, np.int64), np.full((len(queries), n), -np.inf, np.float32)
+        if mode != "mutual":
+            rows, sims = self.index.query_rows(queries, n, exclude=exclude)
+            if mode == "raw":
+                return rows, sims
+            return rows, np.where(rows >= 0, self.moments.z_scores_rows(queries, sims), -np.inf)
+        pool = max(_pool(self.index, n), 1)
+        step = max(1, _MUTUAL_BLOCK // pool)  # (queries x pool x k) candidates in memory at once
+        parts = [self._mutual_rows(queries[lo : lo + step], n, pool,
+                                   None if exclude is None else exclude[lo : lo + step])
+                 for lo in range(0, len(queries), step)]
+        return np.concatenate([r for r, _ in parts]), np.concatenate([m for _, m in parts])
+
+    def _mutual_rows(
+        self, queries: np.ndarray, n: int, pool: int, exclude
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows, sims = self.index.query_rows(queries, pool, exclude=exclude)
+        flat = self.vectors[np.maximum(rows, 0)].reshape(-1, self.vectors.shape[1])  # (B * pool, k)
+        if self.index.metric == "cosine":
+            flat = unit_rows(flat)
+        z_candidate = self.queries.z_scores(flat, sims.ravel()).reshape(sims.shape)
+        mp = mutual_proximity(self.moments.z_scores_rows(queries, sims), z_candidate)
+        if self.index.metric == "cosine":
+            mp[sims >= _SAME_SONG] = 1.0
+        mp[rows < 0] = -np.inf
+        order = np.argsort(-mp, axis=1, kind="stable")[:, :n]
+        return np.take_along_axis(rows, order, axis=1), np.take_along_axis(mp, order, axis=1)
 
 
 def _pool(index: VectorIndex, n: int) -> int:

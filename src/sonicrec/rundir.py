@@ -15,6 +15,7 @@ One place names the files, so stages agree without passing paths around::
     RUN/analysis/              the analysis report
     RUN/index/                 cached nearest-neighbour indexes of large catalogs
     RUN/export/MODEL/          Parquet tables and voyager indexes for a service (sonicrec.export)
+    RUN/neighbours/MODEL/      precomputed similar-song and user lists (sonicrec.neighbours)
 """
 
 from __future__ import annotations
@@ -118,3 +119,7 @@ class RunDir:
 
     def export(self, model: str) -> Path:
         return self.root / "export" / model
+
+    @property
+    def neighbours(self) -> Path:
+        return self.root / "neighbours"
