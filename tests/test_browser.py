@@ -16,6 +16,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -73,7 +74,7 @@ def browser():
 
 def test_search_play_similar_recommend_upload_map(server, browser, tmp_path):
     d = browser
-    wait = WebDriverWait(d, 10)
+    wait = WebDriverWait(d, 30, ignored_exceptions=[StaleElementReferenceException])  # a loaded machine
     d.get(server)
     wait.until(lambda _: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
     assert "24 songs" not in d.find_element(By.ID, "run-info").text  # 16 played + 8 cold
@@ -81,8 +82,11 @@ def test_search_play_similar_recommend_upload_map(server, browser, tmp_path):
 
     # search a track and play it: its similar-songs playlist appears
     d.find_element(By.ID, "search").send_keys("tone 7")
-    row = wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, '#search-results li[data-id="t07"] .play'))
-    row[0].click()
+    def listed():  # the list of "tone 7", not of a shorter prefix typed before it
+        return [e.get_attribute("data-id") for e in d.find_elements(By.CSS_SELECTOR, "#search-results li")]
+
+    wait.until(lambda _: listed() == ["t07"])
+    d.find_element(By.CSS_SELECTOR, '#search-results li[data-id="t07"] .play').click()
     wait.until(lambda _: d.find_element(By.ID, "now-title").text == "Tone 7 — Composer low")
     wait.until(lambda _: d.find_element(By.ID, "player").get_attribute("data-state") == "playing")
     similar = wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#similar li"))
@@ -126,3 +130,58 @@ def test_search_play_similar_recommend_upload_map(server, browser, tmp_path):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert d.save_screenshot(str(SCREENSHOT))
     assert not d.find_element(By.ID, "error").is_displayed()
+
+
+def test_page_shows_readable_errors_and_no_stale_lists(server, browser, tmp_path):
+    """Issue 15 item 26: validation errors, unknown users, uploads that fail, rings, the user picker."""
+    d = browser
+    wait = WebDriverWait(d, 30, ignored_exceptions=[StaleElementReferenceException])  # a loaded machine
+    d.get(server)
+    wait.until(lambda _: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    error = d.find_element(By.ID, "error")
+
+    # a validation error reads as a sentence, and a long one does not widen the page
+    d.execute_script("api('/api/search', {q: 'x'.repeat(3000)}).catch(showError)")
+    wait.until(lambda _: error.is_displayed())
+    assert error.text.startswith("q: ") and "{" not in error.text and "loc" not in error.text
+    assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    d.execute_script("const s = $('search'); s.value = 'tone 1'.repeat(100);"
+                     "s.dispatchEvent(new Event('input'))")
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#search-results li.muted"))  # searched, clipped
+
+    # the user picker searches all users as you type
+    d.find_element(By.ID, "user").send_keys("u2")
+    wait.until(lambda _: d.find_element(By.ID, "user-list").get_attribute("data-query") == "u2")
+    options = [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#user-list option")]
+    assert sorted(options) == sorted(f"u{i:02d}" for i in range(30) if "u2" in f"u{i:02d}")
+
+    # an unknown user empties the list instead of leaving the previous user's
+    d.find_element(By.ID, "user").clear()
+    d.find_element(By.ID, "user").send_keys("u03")
+    d.find_element(By.CSS_SELECTOR, "#user-form button").click()
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#recs li")) == 20)
+    d.find_element(By.ID, "user").clear()
+    d.find_element(By.ID, "user").send_keys("nobody")
+    d.find_element(By.CSS_SELECTOR, "#user-form button").click()
+    wait.until(lambda _: "unknown user" in error.text)
+    assert d.find_elements(By.CSS_SELECTOR, "#recs li") == []
+
+    # after an upload, "Similar songs" and the map's black rings still belong to the selected track
+    d.execute_script("selectTrack('t07', false)")
+    wait.until(lambda _: d.find_element(By.ID, "now-title").text == "Tone 7 — Composer low")
+    listed = [li.get_attribute("data-id") for li in d.find_elements(By.CSS_SELECTOR, "#similar li")]
+    good = tmp_path / "copy of five.wav"
+    good.write_bytes(_wav_bytes(5, tmp_path))
+    d.find_element(By.ID, "upload-input").send_keys(str(good))
+    wait.until(lambda _: d.find_element(By.ID, "upload-results").is_displayed())
+    ringed, upload_ringed = d.execute_script("return [[...state.similar], [...state.uploadSimilar]]")
+    assert set(ringed) == {"t07", *listed} and "t05" in upload_ringed
+    assert d.find_element(By.ID, "map").get_attribute("data-upload") == "shown"
+
+    # a failed upload removes the star and rings of the previous one
+    bad = tmp_path / "not audio.wav"
+    bad.write_bytes(b"this is not a sound file at all" * 10)
+    d.find_element(By.ID, "upload-input").send_keys(str(bad))
+    wait.until(lambda _: "not a recognised audio file" in error.text)
+    assert d.find_element(By.ID, "map").get_attribute("data-upload") == ""
+    assert d.execute_script("return state.uploadSimilar.size") == 0

@@ -9,13 +9,24 @@ const state = {
   map: null,          // {ids, x, y, split, group, title, method, n_songs}
   colours: new Map(), // group -> colour
   selected: null,     // track id
-  similar: new Set(), // ids highlighted as the selected track's playlist
+  similar: new Set(), // ids highlighted as the selected track's playlist ("Similar songs")
   recs: new Set(),    // ids highlighted as a user's recommendations
   upload: null,       // {x, y} where the last upload landed
+  uploadSimilar: new Set(), // ids highlighted as the last upload's neighbours ("Sounds like")
   hover: -1,
 };
+const MAX_QUERY = 200; // the API's longest search text
 
 // --- API ---------------------------------------------------------------------------------------
+
+// A readable sentence from an error body: FastAPI's validation errors are a list of {loc, msg}.
+function errorText(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((d) => `${(d.loc || []).slice(-1)[0] || "request"}: ${d.msg || "invalid"}`).join("; ");
+  }
+  return "";
+}
 
 async function api(path, params = {}, options = {}) {
   const url = new URL(path, window.location.origin);
@@ -23,8 +34,8 @@ async function api(path, params = {}, options = {}) {
   const response = await fetch(url, options);
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-    throw new Error(detail || `${response.status} ${response.statusText}`);
+    const detail = errorText(body.detail);
+    throw new Error(detail || `the server answered ${response.status} ${response.statusText}`);
   }
   return body;
 }
@@ -77,7 +88,7 @@ function fill(list, items) {
 
 async function search(q) {
   try {
-    const body = await api("/api/search", { q, limit: 30 });
+    const body = await api("/api/search", { q: q.slice(0, MAX_QUERY), limit: 30 });
     fill($("search-results"), body.results.map((t) => songItem({ ...t, cold: false }, { score: false })));
     if (!body.results.length) $("search-results").append(el("li", "muted", "no match"));
   } catch (error) {
@@ -126,10 +137,12 @@ function play(track, autoplay) {
 
 // --- users -------------------------------------------------------------------------------------
 
-async function loadUsers() {
-  const body = await api("/api/users", { limit: 500 });
+// The picker offers the users whose id contains what is typed (the server filters all of them).
+async function loadUsers(q = "") {
+  const body = await api("/api/users", { q: q.slice(0, MAX_QUERY), limit: 100 });
   fill($("user-list"), body.results.map((u) => { const o = el("option"); o.value = u; return o; }));
-  if (body.results.length && !$("user").value) $("user").placeholder = `user id, e.g. ${body.results[0]}`;
+  $("user-list").dataset.query = q;
+  if (!q && body.results.length) $("user").placeholder = `user id (${body.total} users), e.g. ${body.results[0]}`;
 }
 
 async function recommend(user) {
@@ -140,6 +153,9 @@ async function recommend(user) {
     state.recs = new Set(body.results.map((h) => h.track_id));
     drawMap();
   } catch (error) {
+    fill($("recs"), []);  // never leave another user's list under this user's name
+    state.recs = new Set();
+    drawMap();
     showError(error);
   }
 }
@@ -174,10 +190,13 @@ async function upload(file) {
     }));
     $("upload-results").hidden = false;
     state.upload = body.map;
-    state.similar = new Set(body.similar.map((h) => h.track_id));
+    state.uploadSimilar = new Set(body.similar.map((h) => h.track_id));
     drawMap();
   } catch (error) {
     status.textContent = "";
+    state.upload = null;  // the star and rings of an earlier upload would belong to this one
+    state.uploadSimilar = new Set();
+    drawMap();
     showError(error);
   }
 }
@@ -233,6 +252,10 @@ function drawMap() {
     const id = m.ids[i];
     if (state.recs.has(id)) { dot(i, 5); ctx.strokeStyle = "#2a9d8f"; ctx.lineWidth = 2; ctx.stroke(); }
     if (state.similar.has(id)) { dot(i, 5); ctx.strokeStyle = "#111"; ctx.lineWidth = 1.5; ctx.stroke(); }
+    if (state.uploadSimilar.has(id)) {
+      dot(i, 6); ctx.strokeStyle = "#e63946"; ctx.lineWidth = 1.5; ctx.setLineDash([3, 2]); ctx.stroke();
+      ctx.setLineDash([]);
+    }
     if (id === state.selected) { dot(i, 8); ctx.strokeStyle = "#e63946"; ctx.lineWidth = 3; ctx.stroke(); }
   }
   if (state.hover >= 0) { dot(state.hover, 6); ctx.strokeStyle = "#333"; ctx.lineWidth = 1; ctx.stroke(); }
@@ -246,6 +269,7 @@ function drawMap() {
     }
     ctx.closePath(); ctx.stroke(); ctx.fill();
   }
+  canvas.dataset.upload = state.upload ? "shown" : "";
 }
 
 function nearestPoint(event) {
@@ -316,6 +340,11 @@ async function start() {
   $("search").addEventListener("input", (e) => {
     clearTimeout(timer);
     timer = setTimeout(() => search(e.target.value), 200);
+  });
+  let userTimer = null;
+  $("user").addEventListener("input", (e) => {
+    clearTimeout(userTimer);
+    userTimer = setTimeout(() => loadUsers(e.target.value.trim()).catch(showError), 150);
   });
   $("user-form").addEventListener("submit", (e) => {
     e.preventDefault();
