@@ -117,6 +117,18 @@ class Catalog:
             raise UnknownIdError(f"unknown track id {track_id!r}")
         return _to_track(row)
 
+    def get_many(self, track_ids: list[str]) -> dict[str, Track]:
+        """The tracks of the catalog among ``track_ids`` (one query; unknown ids are left out)."""
+        found: dict[str, Track] = {}
+        for lo in range(0, len(track_ids), 500):
+            chunk = track_ids[lo : lo + 500]
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM tracks WHERE track_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((row[0], _to_track(row)) for row in rows)
+        return found
+
     def tracks(self, status: str | None = None) -> Iterator[Track]:
         """All tracks (optionally of one status), ordered by id."""
         query = f"SELECT {', '.join(_COLUMNS)} FROM tracks"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -933,8 +934,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upload-dir", type=Path, help="where uploads stay while placed (default: a temp dir)")
     p.add_argument("--max-upload-mb", type=float, help="largest upload in MB (default 50)")
     p.add_argument("--decode-timeout", type=float, help="longest decode of an upload in s (default 60)")
-    p.add_argument("--workers", type=_positive_int, default=1,
-                   help="server processes, each with its own copy of the indexes (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=min(os.cpu_count() or 1, 8),
+                   help="server processes sharing the loaded run (default: the number of cores)")
+    p.add_argument("--upload-queue", type=_positive_int,
+                   help="uploads placed or waiting per worker; more are asked to retry (default 4)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this Host name (e.g. a DNS name of this machine)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="let pages of this origin (scheme://host:port) upload")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=_run_serve)
 
@@ -950,10 +957,12 @@ def _serve(run_dir: Path, *, host: str, port: int, progress: bool, **options) ->
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    limits = {"max_upload_mb": args.max_upload_mb, "decode_timeout_s": args.decode_timeout}
+    limits = {"max_upload_mb": args.max_upload_mb, "decode_timeout_s": args.decode_timeout,
+              "upload_queue": args.upload_queue}
     _serve(
         args.run_dir, host=args.host, port=args.port, progress=args.progress, model=args.model,
         upload_dir=args.upload_dir, workers=args.workers, access_log=args.access_log,
+        allowed_hosts=args.allow_host, allowed_origins=args.allow_origin,
         **{k: v for k, v in limits.items() if v is not None},
     )
 

@@ -24,13 +24,21 @@ placed. Problems with a request answer 4xx with a ``detail`` message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import json
 import logging
 import multiprocessing
+import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -43,17 +51,19 @@ import numpy as np
 from sonicrec import __version__
 from sonicrec.audio import AUDIO_EXTENSIONS, excerpt_start, file_to_logmel
 from sonicrec.catalog import Catalog
-from sonicrec.config import AudioConfig, Config
+from sonicrec.config import Config
 from sonicrec.errors import AudioError, DataError, MissingExtraError, SonicrecError, UnknownIdError
 from sonicrec.factors import unit_rows
 from sonicrec.recommend import Ranking, Recommender
 from sonicrec.rundir import RunDir
+from sonicrec.webguard import DEFAULT_BODY_TIMEOUT_S, WebGuard, hosts_for
 
 try:
+    import orjson
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.concurrency import run_in_threadpool
     from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from pydantic import BaseModel
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -64,6 +74,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_MB = 50.0
 DEFAULT_DECODE_TIMEOUT_S = 60.0
 MAP_MAX_POINTS = 5000  # songs drawn on the map (a seeded sample of larger catalogs)
+MAX_OFFSET = 10**9  # largest search offset (SQLite integers end at 2**63)
+DEFAULT_UPLOAD_QUEUE = 4  # uploads placed or waiting at once per server process; more answer 503
+_SONG_FIELDS = {"title": None, "artist": None, "collection": None, "style": None}  # SongHit's optional
 REPORT_FILE = "report.json"  # RUN/analysis/report.json of sonicrec.analysis, with the t-SNE map
 UPLOAD_PATH = "/api/upload"
 _MULTIPART_SLACK = 64 * 1024  # bytes of multipart envelope allowed on top of the file itself
@@ -100,60 +113,222 @@ def sniff_audio_format(head: bytes) -> str | None:
     return None
 
 
-def _decode_in_worker(path: str, cfg: AudioConfig) -> np.ndarray:
-    """Log-mel of an uploaded file, in the decode worker process: (n_mels, n_frames) float32."""
-    import torch
+def _start_worker(source, nice: int) -> None:
+    """Initialise an upload process: lower CPU priority, one torch thread, the model loaded once
+    (a failure is kept and raised by the first job, so the pool does not restart it endlessly)."""
+    global _WORKER_MODEL
+    try:
+        import torch
 
-    torch.set_num_threads(1)  # one core per upload; the server keeps the others
-    return file_to_logmel(path, cfg)
+        os.nice(nice)  # the server's other requests come first on a busy machine
+        torch.set_num_threads(1)
+        if isinstance(source, (str, Path)):
+            from sonicrec.predict import Predictor
+
+            source = Predictor.load(source)
+        _WORKER_MODEL = source
+    except Exception as exc:  # noqa: BLE001 - reported by _worker_ready
+        _WORKER_MODEL = exc
 
 
-class DecodeWorker:
-    """Decodes untrusted audio in a separate process, one file at a time, killed after a timeout.
+def _worker_ready() -> int:
+    """The upload process's id once its model is loaded (or the error that stopped it)."""
+    if isinstance(_WORKER_MODEL, Exception):
+        raise _WORKER_MODEL
+    return os.getpid()
 
-    A file that crashes or hangs a decoder takes down the worker process, not the server; the
-    next file gets a fresh process. The process is started on first use.
+
+def _factors_in_worker(path: str) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """In the upload process: decode, log-mel, the CNN -> (k,) float32 factors of an uploaded file
+    and its familiarity (``FamiliarityScores.as_dict``, None without a familiarity model)."""
+    model = _WORKER_MODEL
+    x = file_to_logmel(path, model.config.audio)  # (n_mels, n_frames)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise AudioError(f"{path}: decoding gave no usable spectrogram")
+    factors, familiarity = model.assess_logmel(x[None])
+    factors = np.asarray(factors, dtype=np.float32)[0]
+    if not np.isfinite(factors).all():
+        raise AudioError(f"{path}: the model gave factors that are not finite")
+    return factors, None if familiarity is None else familiarity.as_dict(0)
+
+
+_WORKER_MODEL = None  # the model of an upload process (set by _start_worker)
+
+
+def _upload_context():
+    """Upload processes are forked from a clean server process that has imported torch and the
+    front end once (multiprocessing's forkserver): a new or restarted one is ready in moments."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "sonicrec.audio", "sonicrec.predict"])
+    return context
+
+
+class UploadWorker:
+    """Decodes an upload and runs the CNN on it in a separate process, one file at a time.
+
+    The process runs at a lower CPU priority with one torch thread, so uploads never take the
+    cores the server's other requests need. It is started ahead (:meth:`start`) and its start-up
+    (imports, model) is not part of a file's ``timeout_s``: a file is timed from the moment the
+    process begins on it. A file that hangs or crashes a decoder takes down the process, not the
+    server; a new one is started ahead at once. Waiting for the process holds no thread.
+
+    Parameters
+    ----------
+    model : a checkpoint path (loaded in the process) or a picklable model (tests)
+    timeout_s : longest decode + prediction of one file
+    startup_timeout_s : longest start-up of the process
+    nice : CPU priority decrement of the process
     """
 
-    def __init__(self, cfg: AudioConfig, *, timeout_s: float) -> None:
-        self.cfg = cfg
-        self.timeout_s = float(timeout_s)
-        self._lock = threading.Lock()
+    def __init__(self, model: Path | LogMelModel, *, timeout_s: float, startup_timeout_s: float = 300.0,
+                 nice: int = 10) -> None:
+        self.model, self.timeout_s, self.startup_timeout_s = model, timeout_s, startup_timeout_s
+        self.nice = nice
         self._pool = None
+        self._ready: asyncio.Future | None = None
+        self._lock = asyncio.Lock()
+        self.pid: int | None = None
 
-    def logmel(self, path: Path, *, name: str) -> np.ndarray:
-        """(n_mels, n_frames) float32 log-mel of ``path``; errors name the file ``name``, not the path."""
-        if not self._lock.acquire(timeout=self.timeout_s):
-            raise AudioError(f"{name}: the server is busy decoding other uploads; try again in a minute")
+    def start(self) -> None:
+        """Start the process (from the event loop); :meth:`factors` waits until it is ready."""
+        loop = asyncio.get_running_loop()
+        self._pool = _upload_context().Pool(1, _start_worker, (self.model, self.nice))
+        self._ready = self._submit(loop, _worker_ready, ())
+
+    async def ready(self) -> None:
+        """Wait until the process is ready (its start-up is not timed by ``timeout_s``).
+
+        Raises :class:`UploadsUnavailable` when it cannot be: no usable model, or a failed start-up.
+        """
+        if self._pool is None:
+            self.start()
         try:
-            if self._pool is None:
-                self._pool = multiprocessing.get_context("spawn").Pool(1)
-            job = self._pool.apply_async(_decode_in_worker, (str(path), self.cfg))
+            self.pid = await asyncio.wait_for(asyncio.shield(self._ready), self.startup_timeout_s)
+        except SonicrecError as exc:  # no usable model: every upload would fail alike
+            raise UploadsUnavailable(str(exc)) from None
+        except Exception as exc:
+            await self._restart()
+            raise UploadsUnavailable(f"the upload process did not start ({type(exc).__name__})") from None
+
+    async def factors(self, path: Path, *, name: str) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """(k,) float32 factors of the file at ``path`` and its familiarity; errors call it
+        ``name``, never by its path."""
+        async with self._lock:
+            await self.ready()
+            job = self._submit(asyncio.get_running_loop(), _factors_in_worker, (str(path),))
             try:
-                x = job.get(self.timeout_s)
-            except multiprocessing.TimeoutError:
-                self.close()
-                raise AudioError(
-                    f"{name}: decoding took longer than {self.timeout_s:g} s and was stopped; "
-                    "upload a shorter file or a common format"
-                ) from None
+                return await asyncio.wait_for(job, self.timeout_s)
+            except TimeoutError:
+                await self._restart()
+                raise AudioError(f"{name}: decoding took longer than {self.timeout_s:g} s and was stopped; "
+                                 "upload a shorter file or a common format") from None
             except AudioError as exc:
                 raise AudioError(str(exc).replace(str(path), name)) from None
-            except Exception as exc:  # the worker died or the decoder failed unexpectedly
-                self.close()
+            except Exception as exc:  # the process died or the decoder failed unexpectedly
+                await self._restart()
                 raise AudioError(f"{name}: cannot decode this file ({type(exc).__name__})") from None
-        finally:
-            self._lock.release()
-        if x.ndim != 2 or not np.isfinite(x).all():
-            raise AudioError(f"{name}: decoding gave no usable spectrogram")
-        return x
+
+    def _submit(self, loop: asyncio.AbstractEventLoop, fn, args: tuple) -> asyncio.Future:
+        """Run ``fn(*args)`` in the process; the result arrives as an asyncio future."""
+        future = loop.create_future()
+
+        def settle(setter, value) -> None:
+            if not future.done():
+                setter(value)
+
+        self._pool.apply_async(
+            fn, args,
+            callback=lambda value: loop.call_soon_threadsafe(settle, future.set_result, value),
+            error_callback=lambda exc: loop.call_soon_threadsafe(settle, future.set_exception, exc),
+        )
+        return future
+
+    async def _restart(self) -> None:
+        old, self._pool = self._pool, None
+        if old is not None:
+            await asyncio.to_thread(old.terminate)
+        self.start()
 
     def close(self) -> None:
-        """Stop the worker process (a later file starts a new one)."""
+        """Stop the process."""
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+
+
+
+class UploadsUnavailable(SonicrecError):
+    """Uploads cannot be placed by this server now (no model, or the upload process fails to start)."""
+
+
+class UploadQueue:
+    """Uploads admitted in one server process: at most ``capacity`` placed or waiting at once.
+
+    The :class:`UploadGate` asks before a request's body is read; a full queue answers 503 with a
+    ``Retry-After`` from the recent time per upload.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise DataError(f"the upload queue needs room for at least one upload, got {capacity}")
+        self.capacity = capacity
+        self.active = 0
+        self._seconds: deque[float] = deque(maxlen=20)
+
+    def admit(self) -> bool:
+        if self.active >= self.capacity:
+            return False
+        self.active += 1
+        return True
+
+    def release(self, seconds: float) -> None:
+        self.active -= 1
+        self._seconds.append(seconds)
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds after which a refused upload may find room: the queue's length in typical uploads."""
+        typical = float(np.median(self._seconds)) if self._seconds else 5.0
+        return int(min(max(np.ceil(typical * self.capacity), 1), 120))
+
+
+class UploadGate:
+    """ASGI middleware in front of POST /api/upload: admission, then the size limit.
+
+    A full :class:`UploadQueue` answers 503 with ``Retry-After`` before the body is read; a body
+    larger than ``max_bytes`` answers 413 (by its Content-Length, or as it arrives).
+    """
+
+    def __init__(self, app, *, queue: UploadQueue, max_bytes: int, message: str) -> None:
+        self.app, self.queue, self.max_bytes, self.message = app, queue, max_bytes, message
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != UPLOAD_PATH:
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
+        if not self.queue.admit():
+            wait = self.queue.retry_after
+            busy = JSONResponse({"detail": f"the server is placing {self.queue.capacity} other uploads; "
+                                           f"try again in {wait} s"},
+                                status_code=503, headers={"Retry-After": str(wait)})
+            return await busy(scope, receive, send)
+        received, t0 = 0, time.perf_counter()
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self.message)
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        finally:
+            self.queue.release(time.perf_counter() - t0)
 
 
 class LogMelModel(Protocol):
@@ -165,109 +340,45 @@ class LogMelModel(Protocol):
 
 
 class UploadPredictor:
-    """Factors of uploaded files: decoded in a :class:`DecodeWorker`, the CNN in this process.
+    """Factors of uploaded files, placed by an :class:`UploadWorker`; the Recommender's audio predictor.
 
-    Serves as the Recommender's audio predictor. Only files inside ``upload_dir`` are accepted.
-    The factors of a file are remembered until :meth:`forget`, so one upload answers several
-    questions (similar songs, audience) with one decode.
-
-    Parameters
-    ----------
-    upload_dir : the server-managed directory uploads are written to
-    checkpoint : the model checkpoint, loaded on the first upload (when ``model`` is None)
-    model : a loaded model (tests, or a server that already holds one)
-    timeout_s : longest decode of one file
+    Only files inside ``upload_dir`` are accepted. The factors of a placed file are remembered
+    until :meth:`forget`, so one upload answers several questions (similar songs, audience) with
+    one decode; the Recommender asks :meth:`predict_files` about placed files only.
     """
 
-    def __init__(
-        self, upload_dir: Path, *, checkpoint: Path, model: LogMelModel | None = None,
-        timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, upload_dir: Path, worker: UploadWorker) -> None:
         self.upload_dir = Path(upload_dir).resolve()
-        self.checkpoint = checkpoint
-        self.timeout_s = timeout_s
-        self._model = model
-        self._worker: DecodeWorker | None = None
+        self.worker = worker
         self._placed: dict[Path, np.ndarray] = {}
-        self._familiarity: dict[Path, dict[str, Any] | None] = {}
-        self._load_lock = threading.RLock()
 
-    @property
-    def model(self) -> LogMelModel:
-        with self._load_lock:
-            if self._model is None:
-                from sonicrec.predict import Predictor  # a missing checkpoint is a clear DataError there
-
-                self._model = Predictor.load(self.checkpoint)
-            return self._model
-
-    @property
-    def worker(self) -> DecodeWorker:
-        with self._load_lock:
-            if self._worker is None:
-                self._worker = DecodeWorker(self.model.config.audio, timeout_s=self.timeout_s)
-            return self._worker
-
-    def place(self, path: Path, *, name: str) -> np.ndarray:
-        """(k,) float32 factors of the upload at ``path``; ``name`` is what error messages call it."""
+    async def place(self, path: Path, *, name: str) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """(k,) float32 factors of the upload at ``path`` and how familiar it is to the model
+        (``FamiliarityScores.as_dict``, None without a familiarity model); ``name`` is what error
+        messages call it."""
         path = self._inside(path)
-        x = self.worker.logmel(path, name=name)  # (n_mels, n_frames)
-        factors, familiarity = self.model.assess_logmel(x[None])
-        factors = np.asarray(factors, dtype=np.float32)[0]
+        factors, familiarity = await self.worker.factors(path, name=name)
         self._placed[path] = factors
-        self._familiarity[path] = None if familiarity is None else familiarity.as_dict(0)
-        return factors
-
-    def familiarity(self, path: Path) -> dict[str, Any] | None:
-        """How familiar a placed upload is to the model (``FamiliarityScores.as_dict``), or None."""
-        return self._familiarity.get(self._inside(path))
+        return factors, familiarity
 
     def forget(self, path: Path) -> None:
         self._placed.pop(Path(path).resolve(), None)
-        self._familiarity.pop(Path(path).resolve(), None)
 
     def predict_files(self, paths: list[Path]) -> np.ndarray:
-        """(len(paths), k) float32 factors of uploaded files (remembered ones are not decoded again)."""
+        """(len(paths), k) float32 factors of files placed before."""
         rows = []
         for p in paths:
             path = self._inside(p)
-            rows.append(self._placed[path] if path in self._placed else self.place(path, name=path.name))
+            if path not in self._placed:
+                raise DataError(f"{path.name}: an upload is placed before it is asked about")
+            rows.append(self._placed[path])
         return np.stack(rows)
-
-    def close(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
 
     def _inside(self, path: str | Path) -> Path:
         path = Path(path).resolve()
         if not path.is_relative_to(self.upload_dir):
             raise DataError(f"{path.name}: only files uploaded to this server can be placed")
         return path
-
-
-class _UploadSizeLimit:
-    """ASGI middleware: answer 413 once an upload's request body grows past ``max_bytes``."""
-
-    def __init__(self, app, *, max_bytes: int, message: str) -> None:
-        self.app, self.max_bytes, self.message = app, max_bytes, message
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != UPLOAD_PATH:
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await JSONResponse({"detail": self.message}, status_code=413)(scope, receive, send)
-        received = 0
-
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, self.message)
-            return message
-
-        await self.app(scope, counted_receive, send)
 
 
 # --- the song map -------------------------------------------------------------------------------
@@ -460,7 +571,11 @@ def create_app(
     upload_dir: str | Path | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
+    upload_queue: int = DEFAULT_UPLOAD_QUEUE,
     predictor: LogMelModel | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    allowed_origins: Iterable[str] = (),
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     show_progress: bool = False,
 ) -> FastAPI:
     """The sonicrec web app over a run directory.
@@ -473,23 +588,34 @@ def create_app(
     upload_dir : where uploads are written while they are placed (default: a temporary
         directory removed at shutdown); file names are generated by the server
     max_upload_mb : largest upload accepted, MB (10^6 bytes)
-    decode_timeout_s : longest decode of one upload before its worker process is stopped
-    predictor : the model for uploads (default: RUN/model/MODEL/checkpoint.pt, loaded on first use)
+    decode_timeout_s : longest decode + prediction of one upload before its process is stopped
+        (the process is started ahead; its start-up is not counted)
+    upload_queue : uploads placed or waiting at once in this process; more answer 503
+    predictor : the model for uploads (default: RUN/model/MODEL/checkpoint.pt, loaded by the
+        upload process); it runs in that process, so it must be picklable
+    allowed_hosts : Host header names served (None: any); see :func:`sonicrec.webguard.hosts_for`
+    allowed_origins : other origins whose pages may upload
+    body_timeout_s : longest wait for the next chunk of a request body
     show_progress : progress bars while building large nearest-neighbour indexes at startup
     """
-    if max_upload_mb <= 0 or decode_timeout_s <= 0:
-        raise DataError("max_upload_mb and decode_timeout_s must be positive")
+    if max_upload_mb <= 0 or decode_timeout_s <= 0 or body_timeout_s <= 0:
+        raise DataError("max_upload_mb, decode_timeout_s and body_timeout_s must be positive")
+    queue = UploadQueue(upload_queue)
     run = RunDir(run_dir)
     config = run.read_config()
     own_upload_dir = upload_dir is None
     uploads_root = Path(tempfile.mkdtemp(prefix="sonicrec-uploads-") if own_upload_dir else upload_dir)
-    uploads_root.mkdir(parents=True, exist_ok=True)
-    uploads = UploadPredictor(
-        uploads_root, checkpoint=run.model / model / "checkpoint.pt", model=predictor,
-        timeout_s=decode_timeout_s,
-    )
-    # Audio-file queries of the Recommender go through the upload worker (decode with a timeout).
-    rec = Recommender.load(run.root, model, predictor=uploads, show_progress=show_progress)
+    checkpoint = run.model / model / "checkpoint.pt"
+    worker = UploadWorker(checkpoint if predictor is None else predictor, timeout_s=decode_timeout_s)
+    uploads = UploadPredictor(uploads_root, worker)
+    try:  # an interrupted start-up leaves no temporary folder behind
+        uploads_root.mkdir(parents=True, exist_ok=True)
+        # Audio-file queries of the Recommender go through the upload process (timed, isolated).
+        rec = Recommender.load(run.root, model, predictor=uploads, show_progress=show_progress)
+    except BaseException:
+        if own_upload_dir:
+            shutil.rmtree(uploads_root, ignore_errors=True)
+        raise
     song_map: list[SongMap] = []  # computed on first use
     map_lock = threading.Lock()
 
@@ -501,10 +627,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        uploads.close()
-        if own_upload_dir:
-            shutil.rmtree(uploads_root, ignore_errors=True)
+        if predictor is not None or checkpoint.is_file():
+            worker.start()  # ahead of the first upload: its start-up is not part of a decode timeout
+        try:
+            yield
+        finally:
+            worker.close()
+            if own_upload_dir:
+                shutil.rmtree(uploads_root, ignore_errors=True)
 
     app = FastAPI(
         title="sonicrec",
@@ -517,9 +647,13 @@ def create_app(
     )
     max_mb_text = f"{max_upload_mb:g} MB"
     app.add_middleware(
-        _UploadSizeLimit,
+        UploadGate, queue=queue,
         max_bytes=int(max_upload_mb * 1e6) + _MULTIPART_SLACK,
         message=f"upload larger than {max_mb_text}: send a shorter excerpt or a compressed format",
+    )
+    app.add_middleware(  # outermost: every request and response
+        WebGuard, allowed_hosts=None if allowed_hosts is None else frozenset(allowed_hosts),
+        allowed_origins=allowed_origins, body_timeout_s=body_timeout_s,
     )
     _add_error_handlers(app)
 
@@ -536,18 +670,20 @@ def create_app(
         rec.split_of(track_id)  # UnknownIdError -> 404
         return track_id
 
-    def song_hits(ranking: Ranking) -> list[SongHit]:
+    def song_hits(ranking: Ranking) -> list[dict[str, Any]]:
+        """The fields of :class:`SongHit` for each song of a ranking."""
         info = song_metadata(ranking.ids.tolist())
         hits = []
         pairs = zip(ranking.ids.tolist(), ranking.scores.tolist(), strict=True)
         for i, (track_id, score) in enumerate(pairs):
             split = split_or_none(track_id)
-            hits.append(SongHit(rank=i + 1, track_id=track_id, score=score, split=split,
-                                cold=split is not None and split != "train", **info[i]))
+            hits.append({"rank": i + 1, "track_id": track_id, "score": score, "split": split,
+                         "cold": split is not None and split != "train", **_SONG_FIELDS, **info[i]})
         return hits
 
-    def user_hits(ranking: Ranking) -> list[UserHit]:
-        return [UserHit(rank=i + 1, user_id=u, score=s)
+    def user_hits(ranking: Ranking) -> list[dict[str, Any]]:
+        """The fields of :class:`UserHit` for each user of a ranking."""
+        return [{"rank": i + 1, "user_id": u, "score": s}
                 for i, (u, s) in enumerate(zip(ranking.ids.tolist(), ranking.scores.tolist(), strict=True))]
 
     def track_info(track) -> TrackInfo:
@@ -570,20 +706,16 @@ def create_app(
             local.catalog = Catalog(run.catalog)
         return local.catalog
 
+    has_catalog = run.catalog.is_file()
+
     def song_metadata(track_ids: list[str]) -> list[dict[str, Any]]:
-        """Title, artist, collection and style of songs ({} for songs not in the catalog)."""
-        if not run.catalog.is_file():
+        """Title, artist, collection and style of songs ({} for songs not in the catalog): one query."""
+        if not has_catalog:
             return [{} for _ in track_ids]
-        out = []
-        for track_id in track_ids:
-            try:
-                t = catalog().get(track_id)
-            except UnknownIdError:
-                out.append({})
-                continue
-            out.append({"title": t.title, "artist": t.artist, "collection": t.collection,
-                        "style": t.meta.get("style")})
-        return out
+        found = catalog().get_many(track_ids)
+        return [{} if (t := found.get(track_id)) is None else
+                {"title": t.title, "artist": t.artist, "collection": t.collection,
+                 "style": t.meta.get("style")} for track_id in track_ids]
 
     # --- endpoints ---
 
@@ -603,7 +735,7 @@ def create_app(
     def search(
         q: str = Query("", max_length=200, description="text in the id, title, artist or collection"),
         limit: int = Query(20, ge=1, le=200),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> SearchResult:
         """Catalog tracks matching ``q`` (case-insensitive substring), ordered by id."""
         tracks = catalog().search(q, limit=limit, offset=offset)
@@ -625,17 +757,17 @@ def create_app(
 
     @app.get("/api/similar", response_model=SongList, tags=["recommendations"])
     async def similar(track_id: str = Query(..., alias="id", description="track id"),
-                n: int = Query(10, ge=1, le=500)) -> SongList:
+                n: int = Query(10, ge=1, le=500)) -> Response:
         """A playlist of ``n`` songs like the track (itself first), by cosine in the latent space."""
         ranking = rec.similar(known_song(track_id), n)
-        return SongList(query=track_id, model=model, results=song_hits(ranking))
+        return _json({"query": track_id, "model": model, "results": song_hits(ranking)})
 
     @app.get("/api/audience", response_model=UserList, tags=["recommendations"])
     async def audience(track_id: str = Query(..., alias="id", description="track id"),
-                 n: int = Query(10, ge=1, le=500)) -> UserList:
+                 n: int = Query(10, ge=1, le=500)) -> Response:
         """The ``n`` users most likely to enjoy the track who have not played it yet."""
         ranking = rec.audience(known_song(track_id), n)
-        return UserList(query=track_id, model=model, results=user_hits(ranking))
+        return _json({"query": track_id, "model": model, "results": user_hits(ranking)})
 
     @app.get("/api/users", response_model=UserIds, tags=["users"])
     def users(q: str = Query("", max_length=200, description="text in the user id"),
@@ -652,10 +784,10 @@ def create_app(
         n: int = Query(10, ge=1, le=500),
         include_cold: bool = Query(True, description="rank never-played songs too"),
         exclude_played: bool = Query(True, description="leave out songs the user has played"),
-    ) -> SongList:
+    ) -> Response:
         """Songs for a user: played (warm) and never-played (cold, from audio) songs ranked together."""
         ranking = rec.recommend(user, n, include_cold=include_cold, exclude_played=exclude_played)
-        return SongList(query=user, model=model, results=song_hits(ranking))
+        return _json({"query": user, "model": model, "results": song_hits(ranking)})
 
     @app.get("/api/map", response_model=MapData, tags=["map"])
     def song_map_data(max_points: int = Query(MAP_MAX_POINTS, ge=1, le=100_000)) -> MapData:
@@ -682,8 +814,8 @@ def create_app(
     ) -> UploadResult:
         """Place a new audio file (cold start): its predicted factors, similar songs and audience."""
         try:
-            await run_in_threadpool(lambda: uploads.model)  # loaded on the first upload
-        except DataError as exc:
+            await worker.ready()  # waits without holding a thread
+        except UploadsUnavailable as exc:
             raise HTTPException(503, str(exc)) from None
         name = _display_name(file.filename)
         head = await file.read(64)
@@ -695,13 +827,12 @@ def create_app(
         path = uploads_root / f"{upload_id}{suffix}"
         try:
             size = await run_in_threadpool(_copy_file, file.file, path)
-            factors, similar_ranking, audience_ranking, familiarity = await run_in_threadpool(
-                _place_upload, rec, path, name, n
-            )
+            factors, familiarity = await uploads.place(path, name=name)  # in the upload process
+            similar_ranking, audience_ranking = await run_in_threadpool(_ask_about, rec, path, n)
         finally:
             uploads.forget(path)
             path.unlink(missing_ok=True)
-        point = get_map().place(factors, similar_ranking)
+        point = (await run_in_threadpool(get_map)).place(factors, similar_ranking)
         return UploadResult(
             upload_id=upload_id, filename=name, format=suffix.lstrip("."), size_bytes=size,
             factors=factors.tolist(), map=None if point is None else MapPoint(x=point[0], y=point[1]),
@@ -716,6 +847,18 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(web.joinpath("index.html").read_text(encoding="utf-8"))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(web.joinpath("favicon.svg").read_bytes(), media_type="image/svg+xml")
+
+    @app.get(f"/analysis/{REPORT_FILE}", include_in_schema=False)
+    def report_json() -> JSONResponse:
+        """The report's data without the machine's absolute paths."""
+        path = run.analysis / REPORT_FILE
+        if not path.is_file():
+            raise HTTPException(404, "this run has no analysis report yet")
+        return JSONResponse(_without_local_paths(json.loads(path.read_text(encoding="utf-8")), run))
 
     app.mount("/static", StaticFiles(directory=str(web)), name="static")
     app.mount("/analysis", _ReportFiles(directory=run.analysis, html=True, check_dir=False), name="analysis")
@@ -733,12 +876,29 @@ class _ReportFiles(StaticFiles):
         await super().__call__(scope, receive, send)
 
 
-def _place_upload(
-    rec: Recommender, path: Path, name: str, n: int
-) -> tuple[np.ndarray, Ranking, Ranking, dict[str, Any] | None]:
-    """Decode and predict an upload once, then ask the Recommender about it."""
-    factors = rec.predictor.place(path, name=name)  # the server's UploadPredictor
-    return factors, rec.similar(path, n), rec.audience(path, n), rec.predictor.familiarity(path)
+def _without_local_paths(value: Any, run: RunDir) -> Any:
+    """``value`` (parsed JSON) with every absolute file path replaced: the run by its name, files
+    inside it by their path relative to it, others by their file name."""
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v, run) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(v, run) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and not value.startswith(("/api/", "/analysis/")):
+        path, root = Path(value), run.root.resolve()
+        if path == root:
+            return run.root.name
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+    return value
+
+
+def _ask_about(rec: Recommender, path: Path, n: int) -> tuple[Ranking, Ranking]:
+    """Similar songs and audience of a placed upload (the Recommender reads its remembered factors)."""
+    return rec.similar(path, n), rec.audience(path, n)
+
+
+def _json(content: Any) -> Response:
+    """A JSON response encoded by orjson (hot endpoints: no pydantic validation of the answer)."""
+    return Response(orjson.dumps(content), media_type="application/json")
 
 
 def _copy_file(source, path: Path) -> int:
@@ -802,17 +962,6 @@ def _add_docs(app: FastAPI) -> None:
         )
 
 
-_OPTIONS_VARIABLE = "SONICREC_SERVE_OPTIONS"  # create_app's arguments for each worker process
-
-
-def app_from_environment() -> FastAPI:
-    """``create_app(**json.loads($SONICREC_SERVE_OPTIONS))``: the app factory of worker processes."""
-    import json
-    import os
-
-    return create_app(**json.loads(os.environ[_OPTIONS_VARIABLE]))
-
-
 def serve(
     run_dir: str | Path,
     *,
@@ -822,28 +971,96 @@ def serve(
     upload_dir: str | Path | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
+    upload_queue: int = DEFAULT_UPLOAD_QUEUE,
     workers: int = 1,
+    allowed_hosts: Iterable[str] = (),
+    allowed_origins: Iterable[str] = (),
     access_log: bool = False,
     show_progress: bool = False,
 ) -> None:
     """Run the web app of ``run_dir`` with uvicorn until interrupted (loopback only by default).
 
-    ``workers`` > 1 starts that many server processes, each with its own copy of the indexes
-    (searches hold Python's GIL, so processes are how a server uses several cores).
-    ``access_log`` logs one line per request (off by default: it costs throughput).
+    The run is loaded once, then ``workers`` processes are forked that share the listening socket
+    and what was loaded: the factors and HNSW graphs (copy-on-write pages) and the memory-mapped
+    neighbour lists (the page cache), so N workers cost far less than N copies. Each worker has
+    its own upload process and queue of ``upload_queue``. Only Host names of ``host`` (loopback
+    names for a loopback address) and ``allowed_hosts`` are answered; pages of
+    ``allowed_origins`` may upload. ``access_log`` logs one line per request (it costs throughput).
     """
     import uvicorn
 
-    options = dict(
-        run_dir=str(run_dir), model=model, upload_dir=None if upload_dir is None else str(upload_dir),
-        max_upload_mb=max_upload_mb, decode_timeout_s=decode_timeout_s, show_progress=show_progress,
-    )
-    if workers == 1:
-        uvicorn.run(create_app(**options), host=host, port=port, log_level="info", access_log=access_log)
-        return
-    import json
-    import os
+    if not 0 < port < 65536:
+        raise DataError(f"port {port} is not a TCP port (1-65535)")
+    if workers < 1:
+        raise DataError(f"workers must be at least 1, got {workers}")
+    own_upload_dir = upload_dir is None
+    uploads_root = Path(tempfile.mkdtemp(prefix="sonicrec-uploads-") if own_upload_dir else upload_dir)
+    try:  # the temporary folder goes however the server ends, start-up included
+        app = create_app(
+            run_dir, model=model, upload_dir=uploads_root, max_upload_mb=max_upload_mb,
+            decode_timeout_s=decode_timeout_s, upload_queue=upload_queue,
+            allowed_hosts=hosts_for(host, allowed_hosts), allowed_origins=allowed_origins,
+            show_progress=show_progress,
+        )
+        config = uvicorn.Config(app, log_level="info", access_log=access_log, timeout_keep_alive=5)
+        sock = _listen(host, port)
+        if workers == 1:
+            uvicorn.Server(config).run(sockets=[sock])
+        else:
+            _run_forked(config, sock, workers)
+    finally:
+        if own_upload_dir:
+            shutil.rmtree(uploads_root, ignore_errors=True)
 
-    os.environ[_OPTIONS_VARIABLE] = json.dumps(options)
-    uvicorn.run(f"{__name__}:app_from_environment", factory=True, workers=workers, host=host, port=port,
-                log_level="info", access_log=access_log)
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 when ``host`` is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DataError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_forked(config, sock: socket.socket, workers: int) -> None:
+    """Fork ``workers`` uvicorn servers on ``sock``; stop them all when one ends or on a signal."""
+    import signal
+
+    import uvicorn
+
+    gc.freeze()  # loaded objects stay in shared pages: the collector does not write to them
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve until told to stop
+            code = 0
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except BaseException:  # noqa: BLE001 - reported, then the worker ends
+                log.exception("server worker %d failed", os.getpid())
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    log.info("%d server workers: %s", workers, ", ".join(map(str, children)))
+
+    def stop(*_) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    try:
+        os.wait()  # the first worker to end (or a signal) ends them all
+        stop()
+    finally:
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
