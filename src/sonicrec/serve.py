@@ -186,21 +186,36 @@ class UploadWorker:
         self.nice = nice
         self._pool = None
         self._ready: asyncio.Future | None = None
+        self._closed = False
         self._lock = asyncio.Lock()
         self.pid: int | None = None
 
     def start(self) -> None:
-        """Start the process (from the event loop); :meth:`factors` waits until it is ready."""
+        """Start the process, from the event loop and without blocking it (a thread opens the
+        pool and waits for the model); :meth:`ready` waits for it."""
         loop = asyncio.get_running_loop()
-        self._pool = _upload_context().Pool(1, _start_worker, (self.model, self.nice))
-        self._ready = self._submit(loop, _worker_ready, ())
+        self._ready = loop.create_future()
+        self._closed = False
+        threading.Thread(target=self._open, args=(loop, self._ready), daemon=True).start()
+
+    def _open(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future) -> None:
+        try:
+            pool = _upload_context().Pool(1, _start_worker, (self.model, self.nice))
+            if self._closed:  # closed while it was starting
+                pool.terminate()
+                return
+            self._pool = pool
+            pid, error = pool.apply(_worker_ready), None
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting coroutine
+            pid, error = None, exc
+        loop.call_soon_threadsafe(_settle, ready, pid, error)
 
     async def ready(self) -> None:
         """Wait until the process is ready (its start-up is not timed by ``timeout_s``).
 
         Raises :class:`UploadsUnavailable` when it cannot be: no usable model, or a failed start-up.
         """
-        if self._pool is None:
+        if self._ready is None:
             self.start()
         try:
             self.pid = await asyncio.wait_for(asyncio.shield(self._ready), self.startup_timeout_s)
@@ -231,31 +246,36 @@ class UploadWorker:
     def _submit(self, loop: asyncio.AbstractEventLoop, fn, args: tuple) -> asyncio.Future:
         """Run ``fn(*args)`` in the process; the result arrives as an asyncio future."""
         future = loop.create_future()
-
-        def settle(setter, value) -> None:
-            if not future.done():
-                setter(value)
-
         self._pool.apply_async(
             fn, args,
-            callback=lambda value: loop.call_soon_threadsafe(settle, future.set_result, value),
-            error_callback=lambda exc: loop.call_soon_threadsafe(settle, future.set_exception, exc),
+            callback=lambda value: loop.call_soon_threadsafe(_settle, future, value, None),
+            error_callback=lambda exc: loop.call_soon_threadsafe(_settle, future, None, exc),
         )
         return future
 
     async def _restart(self) -> None:
+        """Replace the process (terminated in a thread, the new one started ahead)."""
         old, self._pool = self._pool, None
+        self.start()
         if old is not None:
             await asyncio.to_thread(old.terminate)
-        self.start()
 
     def close(self) -> None:
         """Stop the process."""
+        self._closed = True
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
 
+
+def _settle(future: asyncio.Future, value, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
 
 
 class UploadsUnavailable(SonicrecError):
