@@ -732,10 +732,8 @@ def create_app(
         """Title, artist, collection and style of songs ({} for songs not in the catalog): one query."""
         if not has_catalog:
             return [{} for _ in track_ids]
-        found = catalog().get_many(track_ids)
-        return [{} if (t := found.get(track_id)) is None else
-                {"title": t.title, "artist": t.artist, "collection": t.collection,
-                 "style": t.meta.get("style")} for track_id in track_ids]
+        found = catalog().labels(track_ids)
+        return [found.get(track_id, {}) for track_id in track_ids]
 
     # --- endpoints ---
 
