@@ -200,7 +200,7 @@ class Phase:
     outcomes: Counter = field(default_factory=Counter)  # "200", "503", "timeout", "ConnectionResetError"
     elapsed: float = 0.0
     client_cpu: float = 0.0  # CPU-seconds of this process / elapsed: share of one core
-    server_cpu: float = 0.0
+    server_cpu: float = 0.0  # the same for the server's processes (upload processes included)
 
     @property
     def errors(self) -> int:
@@ -210,9 +210,11 @@ class Phase:
         ms = np.asarray(self.latencies) * 1000 if self.latencies else np.full(1, np.nan)
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
         errors = ", ".join(f"{n} {kind}" for kind, n in sorted(self.outcomes.items()) if kind != "200") or "0"
+        answered = max(sum(self.outcomes.values()) - self.outcomes["timeout"], 1)
+        per_request = 1000 * self.server_cpu * self.elapsed / answered
         return (f"| {name} | {self.offered:.0f}/s | {self.outcomes['200'] / self.elapsed:.0f}/s | "
                 f"{p50:.1f} / {p90:.1f} / {p99:.1f} / {ms.max():.0f} ms | {errors} | "
-                f"{100 * self.client_cpu:.0f}% | {100 * self.server_cpu:.0f}% |")
+                f"{100 * self.client_cpu:.0f}% | {100 * self.server_cpu:.0f}%, {per_request:.2f} ms/req |")
 
 
 async def open_loop(port: int, paths: list[str], rate: float, duration: float, *,
@@ -420,12 +422,46 @@ def wait_ready(port: int, server: subprocess.Popen, run: RunDir, timeout: float)
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-def run_phases(args, run: RunDir, port: int, server: subprocess.Popen) -> None:
+def query_pool(run: RunDir, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The songs (a seeded sample of ``size``, all when 0) and users the requests ask about."""
     factors = Factors.load(run.factors)
+    songs = factors.song_ids
+    if 0 < size < len(songs):
+        songs = songs[np.sort(np.random.default_rng(2).choice(len(songs), size, replace=False))]
+    return songs, factors.user_ids
+
+
+def prepare_lists(run: RunDir, mode: str, songs: np.ndarray) -> None:
+    """Neighbour lists for the benchmark: none (every query searches), of the queried songs and
+    all users (timed, and extrapolated to the whole catalog), or as they are."""
+    import shutil
+
+    from sonicrec.neighbours import compute_lists
+
+    folder = run.neighbours / "cnn-mse"
+    if mode == "keep":
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if mode == "none":
+        return
+    rec = Recommender.load(run.root, "cnn-mse")
+    rows = np.flatnonzero(np.isin(rec.song_ids, songs))
+    users_s = compute_lists(rec, only_songs=rows[:0]).seconds  # the users' lists alone
+    lists = compute_lists(rec, only_songs=rows)
+    songs_s = lists.seconds - users_s
+    lists.save(folder)
+    print(f"neighbour lists: {len(rec.factors.user_ids):,} users in {users_s:.1f} s; {len(rows):,} songs in "
+          f"{songs_s:.1f} s, so all {len(rec.song_ids):,} songs would take about "
+          f"{songs_s * len(rec.song_ids) / max(len(rows), 1) / 60:.0f} min at this load "
+          f"({os.getloadavg()[0]:.1f})", flush=True)
+
+
+def run_phases(args, run: RunDir, port: int, server: subprocess.Popen, songs: np.ndarray,
+               users: np.ndarray) -> None:
     rng = np.random.default_rng(1)
     upload = upload_body() if args.uploads else None
-    targets = {"similar": ("/api/similar?id={}&n=10", factors.song_ids),
-               "recommend": ("/api/recommend?user={}&n=10", factors.user_ids)}
+    targets = {"similar": ("/api/similar?id={}&n=10", songs),
+               "recommend": ("/api/recommend?user={}&n=10", users)}
     print("| endpoint | offered | achieved | p50 / p90 / p99 / max | errors | generator CPU | server CPU "
           "| load (1 min) |")
     print("|---|---:|---:|---|---|---:|---:|---:|")
@@ -469,6 +505,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes (1)")
     parser.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     parser.add_argument("--server-args", default="", help="more options for `sonicrec serve`")
+    parser.add_argument("--query-pool", type=int, default=20_000,
+                        help="songs the similar requests ask about, a seeded sample (0: all)")
+    parser.add_argument("--lists", choices=["pool", "none", "keep"], default="pool",
+                        help="lists of the queried songs and all users (pool), none, or as they are")
     args = parser.parse_args()
 
     if args.run is not None:
@@ -476,6 +516,8 @@ def main() -> None:
     else:
         work = args.work or Path.home() / ".cache" / "sonicrec" / f"bench-serve-{args.songs}"
         run = build_run(work, args.songs)
+    songs, users = query_pool(run, args.query_pool)
+    prepare_lists(run, args.lists, songs)
     port = args.port or free_port()
     server = start_server(run, port, args.workers, args.server_args.split())
     try:
@@ -484,7 +526,7 @@ def main() -> None:
         print(f"server ready in {time.perf_counter() - t0:.1f} s: {info['n_warm_songs']:,} played + "
               f"{info['n_cold_songs']:,} cold songs, {info['n_users']:,} users; {args.workers} worker(s); "
               f"{os.cpu_count()} cores; this generator and the server share them")
-        run_phases(args, run, port, server)
+        run_phases(args, run, port, server, songs, users)
     finally:
         server.send_signal(signal.SIGINT)  # a clean shutdown, as Ctrl-C
         try:

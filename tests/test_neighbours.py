@@ -68,6 +68,21 @@ def test_precomputed_lists_equal_live_queries(world, config, monkeypatch):  # no
     assert calibrated.ids.tolist() == live.recommend("u03", 5, calibrate=True).ids.tolist()
 
 
+def test_lists_of_some_songs_answer_for_those_and_the_others_are_searched(world, monkeypatch):  # noqa: F811
+    live = _recommender(world)
+    lists = compute_lists(live, songs=6, users=4, only_songs=np.array([0, 3]))
+    assert not lists.complete and (lists.song_rows[1] == -1).all()
+    served = _recommender(world)
+    assert served.use_lists(lists)
+    searched = []
+    real = served._nearest_songs
+    monkeypatch.setattr(served, "_nearest_songs", lambda *a, **k: searched.append(1) or real(*a, **k))
+    for row in range(len(live.song_ids)):
+        track = live.song_ids[row]
+        assert served.similar(track, 5).ids.tolist() == live.similar(track, 5).ids.tolist()
+    assert len(searched) == len(live.song_ids) - 2
+
+
 def test_lists_of_other_factors_are_ignored(world):  # noqa: F811
     factors, predicted_ids, predicted, plays = world
     lists = compute_lists(_recommender(world), songs=5, users=5)

@@ -61,6 +61,7 @@ class NeighbourLists:
     song_rows, song_scores : (S, K) int32 / float32
     user_rows, user_scores : (U, N) int32 / float32
     seconds : time the computation took
+    complete : False when only some songs have lists (the others' rows are -1 and are searched)
     """
 
     path: Path | None
@@ -70,6 +71,7 @@ class NeighbourLists:
     user_rows: np.ndarray
     user_scores: np.ndarray
     seconds: float = 0.0
+    complete: bool = True
 
     def similar(self, song: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The ``n`` nearest other songs of song row ``song``: (n,) rows and cosines, or None when
@@ -88,7 +90,8 @@ class NeighbourLists:
             with atomic_path(folder / f"{name}.npy") as tmp:
                 np.save(tmp, getattr(self, name))
         meta = {"format": FORMAT, "source": self.source, "songs": self.song_rows.shape[1],
-                "users": self.user_rows.shape[1], "seconds": round(self.seconds, 1)}
+                "users": self.user_rows.shape[1], "seconds": round(self.seconds, 1),
+                "complete": self.complete}
         atomic_write_text(folder / "lists.json", json.dumps(meta, indent=1))
 
     @classmethod
@@ -105,7 +108,8 @@ class NeighbourLists:
         if arrays["song_rows"].shape != arrays["song_scores"].shape or \
                 arrays["user_rows"].shape != arrays["user_scores"].shape:
             raise DataError(f"{folder}: the neighbour lists' arrays disagree in shape; recompute them")
-        return cls(folder, str(meta["source"]), seconds=float(meta.get("seconds", 0)), **arrays)
+        return cls(folder, str(meta["source"]), seconds=float(meta.get("seconds", 0)),
+                   complete=bool(meta.get("complete", True)), **arrays)
 
 
 def _head(rows: np.ndarray, scores: np.ndarray, row: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -118,28 +122,36 @@ def _head(rows: np.ndarray, scores: np.ndarray, row: int, n: int) -> tuple[np.nd
 
 
 def compute_lists(
-    rec: Recommender, *, songs: int = DEFAULT_SONGS, users: int = DEFAULT_USERS, show_progress: bool = False
+    rec: Recommender, *, songs: int = DEFAULT_SONGS, users: int = DEFAULT_USERS,
+    only_songs: np.ndarray | None = None, show_progress: bool = False,
 ) -> NeighbourLists:
     """Ask ``rec`` for the ``songs`` nearest songs of every song and the top ``users`` songs of every
-    user, in blocks of queries (a few thousand at a time through HNSW, ~64 MiB of scores for exact)."""
+    user, in blocks of queries (a few thousand at a time through HNSW, ~64 MiB of scores for exact).
+
+    ``only_songs``: rows of ``rec.song_ids`` to compute lists for (e.g. the most played songs);
+    the other songs get empty rows and are searched when asked about.
+    """
     if songs <= 0 or users <= 0:
         raise DataError(f"list lengths must be positive, got songs={songs}, users={users}")
     t0 = time.perf_counter()
     n_songs, n_users = len(rec.song_ids), len(rec.factors.user_ids)
-    block = max(64, min(4096, _BLOCK_SCORES // max(n_songs, 1)))
-    song_rows, song_scores = np.empty((n_songs, songs), np.int32), np.empty((n_songs, songs), np.float32)
+    song_rows = np.full((n_songs, songs), -1, np.int32)
+    song_scores = np.full((n_songs, songs), -np.inf, np.float32)
     user_rows, user_scores = np.empty((n_users, users), np.int32), np.empty((n_users, users), np.float32)
-    jobs = [(rec.similar_rows, n_songs, songs, song_rows, song_scores),
-            (rec.recommend_rows, n_users, users, user_rows, user_scores)]
-    with tqdm(total=n_songs + n_users, desc="neighbours", unit="row", disable=not show_progress) as bar:
-        for ask, total, width, rows_out, scores_out in jobs:
-            for lo in range(0, total, block):
-                hi = min(lo + block, total)
-                rows_out[lo:hi], scores_out[lo:hi] = ask(np.arange(lo, hi), width)
-                bar.update(hi - lo)
+    asked = np.arange(n_songs) if only_songs is None else np.unique(np.asarray(only_songs, dtype=np.int64))
+    block = max(64, min(4096, _BLOCK_SCORES // max(n_songs, 1)))
+    jobs = [(rec.similar_rows, asked, songs, song_rows, song_scores),
+            (rec.recommend_rows, np.arange(n_users), users, user_rows, user_scores)]
+    with tqdm(total=len(asked) + n_users, desc="neighbours", unit="row", disable=not show_progress) as bar:
+        for ask, rows, width, rows_out, scores_out in jobs:
+            for lo in range(0, len(rows), block):
+                part = rows[lo : lo + block]
+                rows_out[part], scores_out[part] = ask(part, width)
+                bar.update(len(part))
     seconds = time.perf_counter() - t0
-    log.info("neighbour lists of %d songs and %d users computed in %.1f s", n_songs, n_users, seconds)
-    return NeighbourLists(None, rec.lists_source, song_rows, song_scores, user_rows, user_scores, seconds)
+    log.info("neighbour lists of %d songs and %d users computed in %.1f s", len(asked), n_users, seconds)
+    return NeighbourLists(None, rec.lists_source, song_rows, song_scores, user_rows, user_scores, seconds,
+                          complete=len(asked) == n_songs)
 
 
 def neighbours_run(
@@ -157,7 +169,7 @@ def neighbours_run(
     rec = Recommender.load(run.root, model, show_progress=show_progress)
     folder = run.neighbours / model
     current = rec.lists
-    if not force and current is not None and current.song_rows.shape[1] == songs \
+    if not force and current is not None and current.complete and current.song_rows.shape[1] == songs \
             and current.user_rows.shape[1] == users:
         return current, False
     lists = compute_lists(rec, songs=songs, users=users, show_progress=show_progress)
