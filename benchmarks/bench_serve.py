@@ -401,6 +401,8 @@ def wait_ready(port: int, server: subprocess.Popen, run: RunDir, timeout: float)
             return None
         try:
             status, body = await request(*conn, "GET", "/api/info")
+        except (OSError, asyncio.IncompleteReadError):  # the server went away while loading
+            return None
         finally:
             conn[1].close()
         return json.loads(body) if status == 200 else None

@@ -1011,6 +1011,7 @@ def serve(
         raise DataError(f"port {port} is not a TCP port (1-65535)")
     if workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
+    sock = _listen(host, port)  # a busy port fails before minutes of loading
     own_upload_dir = upload_dir is None
     uploads_root = Path(tempfile.mkdtemp(prefix="sonicrec-uploads-") if own_upload_dir else upload_dir)
     try:  # the temporary folder goes however the server ends, start-up included
@@ -1021,12 +1022,12 @@ def serve(
             show_progress=show_progress,
         )
         config = uvicorn.Config(app, log_level="info", access_log=access_log, timeout_keep_alive=5)
-        sock = _listen(host, port)
         if workers == 1:
             uvicorn.Server(config).run(sockets=[sock])
         else:
             _run_forked(config, sock, workers)
     finally:
+        sock.close()
         if own_upload_dir:
             shutil.rmtree(uploads_root, ignore_errors=True)
 
