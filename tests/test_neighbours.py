@@ -64,8 +64,10 @@ def test_precomputed_lists_equal_live_queries(world, config, monkeypatch):  # no
                 got, want = served.recommend(user, n), live.recommend(user, n)
             assert got.ids.tolist() == want.ids.tolist(), (user, n)
             np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
-    calibrated = served.recommend("u03", 5, calibrate=True)  # not stored: searched, still right
-    assert calibrated.ids.tolist() == live.recommend("u03", 5, calibrate=True).ids.tolist()
+    raw = served.recommend("u03", 5, raw=True)  # not stored: searched, still right
+    assert raw.ids.tolist() == live.recommend("u03", 5, raw=True).ids.tolist()
+    raw_similar = served.similar("t01", 5, raw=True)
+    assert raw_similar.ids.tolist() == live.similar("t01", 5, raw=True).ids.tolist()
 
 
 def test_lists_of_some_songs_answer_for_those_and_the_others_are_searched(world, monkeypatch):  # noqa: F811

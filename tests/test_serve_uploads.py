@@ -35,9 +35,9 @@ class SlowModel:
         self.__dict__.update(state)
         time.sleep(self.startup)
 
-    def predict_logmel(self, x):
+    def assess_logmel(self, x):
         time.sleep(self.seconds_quiet if float(x.max()) < -10 else self.seconds)
-        return self.inner.predict_logmel(x)
+        return self.inner.assess_logmel(x)
 
 
 class WhereModel:
@@ -46,12 +46,12 @@ class WhereModel:
     def __init__(self):
         self.config = tiny_predictor().config
 
-    def predict_logmel(self, x):
+    def assess_logmel(self, x):
         import torch
 
         out = np.zeros((len(x), K), np.float32)
         out[:, :3] = [torch.get_num_threads(), os.nice(0), os.getpid()]
-        return out
+        return out, None
 
 
 def _wav(i: int, tmp_path, gain: float = 1.0) -> bytes:
