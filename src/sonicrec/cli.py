@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sonicrec import __version__
+from sonicrec.config import TRAIN_LOSSES
 from sonicrec.errors import SonicrecError
 
 log = logging.getLogger("sonicrec")
@@ -683,14 +684,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train on RUN/features with the 'train' songs of RUN/cf/factors.npz as targets "
             "(unit-normalised factors for --loss mse; play counts of RUN/plays.parquet and the user "
-            "factors for --loss wpe), validating on the 'valid' songs after every epoch. Settings "
-            "come from RUN/config.toml ([model], [train]); the options below override them. "
+            "factors for --loss wpe and the ranking losses), validating on the 'valid' songs after "
+            "every epoch. Settings come from RUN/config.toml ([model], [train]); the options below "
+            "override them. "
             "Writes RUN/model/NAME/checkpoint.pt and metrics.csv."
         ),
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
-    p.add_argument("--name", help="model name (default: cnn-LOSS)")
-    p.add_argument("--loss", choices=("mse", "wpe"), help="training objective")
+    p.add_argument("--name", help="model name (default: cnn-LOSS, '+' as '-': cnn-mse-bpr)")
+    p.add_argument(
+        "--loss", choices=TRAIN_LOSSES,
+        help="objective: mse, wpe, or learning to rank with the user factors fixed (bpr, softmax, mse+bpr, "
+        "mse+softmax; see sonicrec.losses)",
+    )
+    p.add_argument("--rank-weight", type=float, help="weight of the ranking term of mse+bpr / mse+softmax")
+    p.add_argument("--rank-users", type=_positive_int, help="listeners drawn per song and step (ranking)")
     p.add_argument("--small", action="store_true", help="the small CPU-friendly model (ModelConfig.small)")
     p.add_argument("--epochs", type=_positive_int, help="maximum number of epochs")
     p.add_argument("--batch-size", type=_positive_int, help="songs per minibatch")
@@ -724,13 +732,14 @@ def _run_train(args: argparse.Namespace) -> None:
     overrides = {
         "loss": args.loss, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
         "optimizer": args.optimizer, "num_workers": args.workers, "device": args.device, "seed": args.seed,
+        "rank_weight": args.rank_weight, "rank_users": args.rank_users,
     }
     train = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
     model = cfg.model
     if args.small:
         model = ModelConfig.small(n_mels=model.n_mels, n_factors=model.n_factors)
     result = train_run(
-        run, cfg.replace(train=train, model=model), name=args.name or f"cnn-{train.loss}",
+        run, cfg.replace(train=train, model=model), name=args.name or f"cnn-{train.loss.replace('+', '-')}",
         resume=args.resume, show_progress=args.progress, ddp=args.ddp,
     )
     if rank != 0:

@@ -150,11 +150,18 @@ class ModelConfig:
         return cls(**{**values, **overrides})
 
 
+# Training objectives: regression to factors (sonicrec.train) and learning to rank (sonicrec.losses).
+TRAIN_LOSSES = ("mse", "wpe", "bpr", "softmax", "mse+bpr", "mse+softmax")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Minibatch SGD with Nesterov momentum on (weighted) squared error to unit-normalised factors."""
 
-    loss: str = "mse"  # "mse" or "wpe" (the paper's weighted prediction error)
+    loss: str = "mse"  # "mse", "wpe" (the paper's weighted prediction error), or a ranking loss:
+    # "bpr", "softmax", "mse+bpr", "mse+softmax" (sonicrec.losses)
+    rank_weight: float = 1.0  # weight of the ranking term in "mse+bpr" / "mse+softmax"
+    rank_users: int = 8  # listeners drawn per song and step by the ranking losses
     optimizer: str = "sgd"  # "sgd" (Nesterov) or "adam"
     learning_rate: float = 0.01
     momentum: float = 0.9
@@ -170,7 +177,8 @@ class TrainConfig:
     augment: tuple[str, ...] = ()  # training-time augmentations, from AUGMENTATIONS (sonicrec.augment)
 
     def __post_init__(self) -> None:
-        _check(self.loss in ("mse", "wpe"), f"train.loss={self.loss!r}: mse|wpe")
+        _check(self.loss in TRAIN_LOSSES, f"train.loss={self.loss!r}: {'|'.join(TRAIN_LOSSES)}")
+        _check(self.rank_weight > 0 and self.rank_users > 0, "train.rank_weight, rank_users must be > 0")
         _check(self.optimizer in ("sgd", "adam"), f"train.optimizer={self.optimizer!r}: sgd|adam")
         _check(self.batch_size > 0 and self.epochs > 0, "train.batch_size and epochs must be > 0")
         _check(self.learning_rate > 0, "train.learning_rate must be positive")

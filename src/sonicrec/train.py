@@ -57,6 +57,7 @@ from sonicrec.config import CFConfig, Config
 from sonicrec.errors import ConfigError, DataError, TrainingError
 from sonicrec.factors import Factors
 from sonicrec.io import atomic_path
+from sonicrec.losses import RankingObjective, SumObjective
 from sonicrec.model import AudioCNN, select_device
 from sonicrec.rundir import RunDir
 
@@ -204,7 +205,7 @@ class WPEObjective:
         return kept, cls(quad, lin, const, scale)
 
 
-Objective = MSEObjective | WPEObjective
+Objective = MSEObjective | WPEObjective | RankingObjective | SumObjective
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -565,6 +566,8 @@ class _Loop:
         """One pass over the training songs -> (mean loss, samples/s, fraction waiting for data)."""
         self.model.train()
         self.train_loader.sampler.set_epoch(self.epoch)
+        if hasattr(self.train_objective, "set_epoch"):  # the ranking losses draw listeners
+            self.train_objective.set_epoch(self.epoch, self.rank)
         total = count = 0
         waiting = 0.0
         bar = tqdm(
@@ -746,18 +749,23 @@ def train_run(
     valid_ids = _usable_songs(factors, store, "valid")
     train_objective: Objective
     valid_objective: Objective
+    if cfg.train.loss != "mse" and not factors.has_users:
+        raise DataError(f"{run.factors} has no user factors (song factors imported alone): "
+                        f"train.loss = {cfg.train.loss!r} needs them; use 'mse'")
     if cfg.train.loss == "mse":
         unit = factors.song_factors_unit
         train_objective = MSEObjective(unit[factors.song_index(train_ids)])
         valid_objective = MSEObjective(unit[factors.song_index(valid_ids)])
-    else:
-        if not factors.has_users:
-            raise DataError(f"{run.factors} has no user factors (song factors imported alone): "
-                            "train.loss = 'wpe' needs them; use 'mse'")
-        plays = _read_plays(run.plays)
+    elif cfg.train.loss == "wpe":
+        plays = _read_plays(run.plays, cfg.train.loss)
         train_ids, train_objective = WPEObjective.from_plays(plays, factors, train_ids, cfg.cf)
         valid_ids, valid_objective = WPEObjective.from_plays(
             plays, factors, valid_ids, cfg.cf, scale=train_objective.scale
+        )
+    else:
+        plays = _read_plays(run.plays, cfg.train.loss)
+        train_ids, train_objective, valid_ids, valid_objective = _ranking_objectives(
+            plays, factors, train_ids, valid_ids, cfg
         )
     with _process_group(cfg.train.device) if ddp else contextlib.nullcontext():
         return fit(
@@ -785,9 +793,31 @@ def _usable_songs(factors: Factors, store: LogMelStore, split: str) -> list[str]
     return usable
 
 
-def _read_plays(path: Path) -> pd.DataFrame:
+def _ranking_objectives(
+    plays: pd.DataFrame, factors: Factors, train_ids: Sequence[str], valid_ids: Sequence[str], cfg: Config,
+) -> tuple[list[str], Objective, list[str], Objective]:
+    """Training and validation objectives of a ranking loss (``bpr``, ``softmax``) or of MSE plus
+    one (``mse+bpr``, ...); validation ranks with every listener, weighted as the training songs."""
+    with_mse, kind = cfg.train.loss.startswith("mse+"), cfg.train.loss.removeprefix("mse+")
+    train_ids, train_rank = RankingObjective.from_plays(
+        plays, factors, train_ids, kind=kind, users_per_song=cfg.train.rank_users, seed=cfg.train.seed
+    )
+    valid_ids, valid_rank = RankingObjective.from_plays(
+        plays, factors, valid_ids, kind=kind, users_per_song=None, mean_listeners=train_rank.mean_listeners
+    )
+    if not with_mse:
+        return train_ids, train_rank, valid_ids, valid_rank
+
+    def plus_mse(ids: list[str], ranking: RankingObjective) -> SumObjective:
+        mse = MSEObjective(factors.song_factors_unit[factors.song_index(ids)])
+        return SumObjective(mse, ranking, weight=cfg.train.rank_weight)
+
+    return train_ids, plus_mse(train_ids, train_rank), valid_ids, plus_mse(valid_ids, valid_rank)
+
+
+def _read_plays(path: Path, loss: str) -> pd.DataFrame:
     try:
         plays = pd.read_parquet(path, columns=["user_id", "track_id", "count"])
     except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"cannot read play counts {path} (needed by train.loss = 'wpe'): {exc}") from exc
+        raise DataError(f"cannot read play counts {path} (needed by train.loss = {loss!r}): {exc}") from exc
     return plays.astype({"user_id": str, "track_id": str})
