@@ -721,7 +721,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
     from sonicrec.config import ModelConfig
     from sonicrec.rundir import RunDir
-    from sonicrec.train import distributed_rank, train_run
+    from sonicrec.train import default_model_name, distributed_rank, train_run
 
     rank = distributed_rank(args.ddp)
     if rank != 0:  # torchrun: rank 0 alone reports
@@ -739,7 +739,7 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.small:
         model = ModelConfig.small(n_mels=model.n_mels, n_factors=model.n_factors)
     result = train_run(
-        run, cfg.replace(train=train, model=model), name=args.name or f"cnn-{train.loss.replace('+', '-')}",
+        run, cfg.replace(train=train, model=model), name=args.name or default_model_name(train.loss),
         resume=args.resume, show_progress=args.progress, ddp=args.ddp,
     )
     if rank != 0:

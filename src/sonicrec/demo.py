@@ -108,6 +108,7 @@ class _Stages:
 def run_demo(out: Path, options: DemoOptions) -> str:
     """Build the demo world in ``out`` and run every stage; return a printable summary."""
     from sonicrec.catalog import Catalog
+    from sonicrec.train import default_model_name
 
     run = RunDir.prepare(out)
     cfg = options.config
@@ -128,7 +129,7 @@ def run_demo(out: Path, options: DemoOptions) -> str:
     listening.save(run.root)
     stages.run("factorize plays (WMF)", _factorize, run, cfg, options.show_progress)
     for loss in options.cnn_losses:
-        name = f"cnn-{loss}"
+        name = default_model_name(loss)
         loss_cfg = cfg.replace(train=dataclasses.replace(cfg.train, loss=loss))
         stages.run(f"train {name}", _train, run, loss_cfg, name, options.show_progress)
         stages.run(f"predict {name}", _predict, run, name, options.show_progress)

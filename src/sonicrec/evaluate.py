@@ -61,7 +61,10 @@ RANDOM_DIM = 64  # random baseline: near-independent random rankings per user
 PAIRED_BASELINES = ("mfcc-linear", "random")  # every prediction is compared with these, user by user
 
 # Row order of the table; prediction files not named here follow in alphabetical order.
-MODEL_ORDER = ("random", "popularity", "mfcc-linear", "mfcc-mlp", "cnn-mse", "cnn-wpe")
+MODEL_ORDER = (
+    "random", "popularity", "mfcc-linear", "mfcc-mlp", "cnn-mse", "cnn-wpe", "cnn-bpr", "cnn-softmax",
+    "cnn-mse-bpr",
+)
 UPPER_BOUNDS = ("upper-bound-unit", "upper-bound")
 MODEL_NOTES = {
     "random": "chance: random user and song factors (a random ranking per user)",
@@ -70,6 +73,9 @@ MODEL_NOTES = {
     "mfcc-mlp": "MFCC bag-of-words + PCA + MLP (the paper's MLP baseline)",
     "cnn-mse": "CNN on log-mel spectrograms, mean squared error",
     "cnn-wpe": "CNN on log-mel spectrograms, weighted prediction error",
+    "cnn-bpr": "CNN on log-mel spectrograms, BPR: played songs ranked over unplayed ones, user factors fixed",
+    "cnn-softmax": "CNN on log-mel spectrograms, in-batch softmax ranking, user factors fixed",
+    "cnn-mse-bpr": "CNN on log-mel spectrograms, mean squared error plus BPR ranking",
     "upper-bound-unit": "true CF factors of the test songs, unit-normalised: the content models' target",
     "upper-bound": "true CF factors of the test songs (popularity in the norm): the upper bound",
 }

@@ -774,6 +774,11 @@ def train_run(
         )
 
 
+def default_model_name(loss: str) -> str:
+    """The name a model trained with ``loss`` gets unless told otherwise: cnn-mse, cnn-mse-bpr, ..."""
+    return f"cnn-{loss.replace('+', '-')}"
+
+
 def check_model_name(name: str) -> None:
     """A model name becomes a folder and a file name: letters, digits, '-', '_', '.' only."""
     if not name or name.startswith(".") or not all(ch.isalnum() or ch in "-_." for ch in name):
