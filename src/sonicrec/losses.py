@@ -22,7 +22,8 @@ Song i's loss is the mean over its drawn users times ``n_i / n_mean`` (n_i: its 
 their mean over the training songs), so that over an epoch every (user, played song) pair weighs
 the same, as in BPR-Opt's sum over all triples. Validation ranks with every listener of each song
 instead of a draw, so its loss is deterministic. A constant prediction scores every song alike:
-loss ln 2 (bpr) or ln(1 + |N_u|) (softmax), the baseline the training log prints.
+loss ln 2 (bpr) or ln(1 + |N_u|) (softmax), the baseline the training log prints. Under
+data-parallel training each process ranks within its own share of the batch (fewer negatives).
 
 ``mse+bpr`` and ``mse+softmax`` (:class:`SumObjective`) add the MSE to unit-normalised factors
 (``train.MSEObjective``) and ``rank_weight`` times the ranking loss; their predictions live in the

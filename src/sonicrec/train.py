@@ -1,6 +1,7 @@
 """Training the CNN: a plain PyTorch loop from the feature store to song factors.
 
-Minibatch SGD with Nesterov momentum (or Adam) on one of two objectives:
+Minibatch SGD with Nesterov momentum (or Adam) on one of two regression objectives, or on a
+learning-to-rank one (``bpr``, ``softmax``, ``mse+bpr``, ``mse+softmax``: :mod:`sonicrec.losses`):
 
 * ``mse``: squared error to the song's unit-normalised WMF factors, averaged over the k factors.
 * ``wpe``: the paper's weighted prediction error, the WMF objective with the user factors fixed.
