@@ -4,13 +4,15 @@ For every model named, on the run's cold-start split (``--split``, "valid" to ch
 mAP@500, AUC and NDCG@50 (``sonicrec.evaluate.evaluate_models``), the training time from its
 metrics.csv, and what the model does to retrieval (``sonicrec.recommend.Recommender``):
 
-- recommend: share of never-played (cold) songs in the top 10 of ``--users`` users drawn at random,
-  raw and calibrated (the catalog's cold share beside it);
+- recommend: share of never-played (cold) songs in the top 10 of ``--users`` users drawn at random
+  (the catalog's cold share beside it);
 - similar: for every song of the split (a cold query), the share of its top-10 lists (query left
   out) holding the single most frequent song, the number of distinct songs in them, and their cold
   share;
 - audience: for every song of the split, the share of top-10 audiences holding the single most
-  frequent user, and the number of distinct users.
+  frequent user, and the number of distinct users;
+
+each by default (hubness reduction, warm and cold songs merged by z-score) and with raw scores.
 
     python benchmarks/check_ranking.py RUN --models cnn-mse cnn-bpr [--split valid] [--users 1000]
 """
@@ -37,18 +39,22 @@ def hub_share(lists: list[np.ndarray]) -> tuple[float, int]:
 
 
 def retrieval_figures(rec: Recommender, queries: np.ndarray, users: np.ndarray) -> dict[str, float]:
-    cold = set(rec.cold_ids.tolist())
+    """The retrieval figures (module docstring), by default and with raw scores."""
+    cold = list(rec.cold_ids)
     figures = {}
-    for calibrate in (False, True):
-        top = [rec.recommend(u, 10, calibrate=calibrate).ids for u in users]
-        figures[f"recommend cold share{' (calibrated)' if calibrate else ''}"] = np.mean(
-            [np.isin(ids, list(cold)).mean() for ids in top]
+    for raw in (False, True):
+        how = " (raw)" if raw else ""
+        top = [rec.recommend(u, 10, raw=raw).ids for u in users]
+        figures[f"recommend: cold share{how}"] = np.mean([np.isin(ids, cold).mean() for ids in top])
+        similar = [rec.similar(q, 11, raw=raw).ids[1:] for q in queries]
+        figures[f"similar: lists with the top song{how}"], figures[f"similar: distinct songs{how}"] = (
+            hub_share(similar)
         )
-    similar = [rec.similar(q, 11).ids[1:] for q in queries]
-    figures["similar: lists with the top song"], figures["similar: distinct songs"] = hub_share(similar)
-    figures["similar: cold share"] = np.mean([np.isin(ids, list(cold)).mean() for ids in similar])
-    audiences = [rec.audience(q, 10).ids for q in queries]
-    figures["audience: lists with the top user"], figures["audience: distinct users"] = hub_share(audiences)
+        figures[f"similar: cold share{how}"] = np.mean([np.isin(ids, cold).mean() for ids in similar])
+        audiences = [rec.audience(q, 10, raw=raw).ids for q in queries]
+        figures[f"audience: lists with the top user{how}"], figures[f"audience: distinct users{how}"] = (
+            hub_share(audiences)
+        )
     return figures
 
 
