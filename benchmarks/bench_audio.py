@@ -189,8 +189,9 @@ def decoder_rows(fmt: str, paths: list[Path], cfg, rounds: int) -> list[str]:
                 whole = src.read(0, src.frames)
             part = decode_with(d, p, first, n)
             worst = max(worst, float(np.abs(part - whole[first : first + part.size]).max()))
-        chosen = " (chain: " + " > ".join(chain_for(paths[0])) + ")" if d == names[0] else ""
-        rows.append(f"| {fmt} | {d} | {seconds[d] * 1e3:.1f} | {worst:.1e} |{chosen}")
+        chain = chain_for(paths[0])
+        place = f"{chain.index(d) + 1} of {len(chain)}" if d in chain else "not used"
+        rows.append(f"| {fmt} | {d} | {seconds[d] * 1e3:.1f} | {worst:.1e} | {place} |")
     return rows
 
 
@@ -261,8 +262,9 @@ def main() -> None:
         sources, origin = source_tracks(args.music, args.tracks, Path(tmp))
         files = transcode(sources, Path(tmp))
         print(f"source: {origin}; load average at start {os.getloadavg()[0]:.1f}")
-        print("\n| format | decoder | CPU ms per 30-s excerpt | max abs diff from a full decode |")
-        print("|---|---|---:|---:|")
+        print("\n| format | decoder | CPU ms per 30-s excerpt | max abs diff from a full decode "
+              "| place in the chain |")
+        print("|---|---|---:|---:|---|")
         for fmt in args.formats:
             print("\n".join(decoder_rows(fmt, files[fmt], cfg, args.rounds)), flush=True)
         if args.decoders_only:

@@ -230,7 +230,7 @@ def test_real_recordings_decode():
 def test_pyav_decodes_what_soundfile_cannot_open(tmp_path, monkeypatch):
     import soundfile
 
-    path = tmp_path / "stereo.flac"
+    path = tmp_path / "stereo.wav"
     y = tone(700, 3, 44100)
     sf.write(path, np.stack([y, 0.5 * y], axis=1), 44100)
     expected = load_excerpt(path, SHORT)

@@ -50,7 +50,7 @@ CHAINS: dict[str, tuple[str, ...]] = {
     ".wav": ("soundfile", "pyav"),
     ".aif": ("soundfile", "pyav"),
     ".aiff": ("soundfile", "pyav"),
-    ".flac": ("soundfile", "pyav"),
+    ".flac": ("miniaudio", "soundfile", "pyav"),
     ".mp3": ("soundfile", "pyav"),
     # libsndfile seeks 256 frames off in Ogg Vorbis streams whose granules start late (cut by ffmpeg)
     ".ogg": ("miniaudio", "pyav"),
