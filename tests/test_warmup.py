@@ -3,6 +3,8 @@ plays) to the listeners (many plays), and beats each part alone when few listene
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -86,14 +88,22 @@ def test_reveal_listeners_splits_each_songs_listeners(world):
     assert (revealed + remaining - counts).nnz == 0 and revealed.multiply(remaining).nnz == 0
 
 
-def test_the_recommender_blends_songs_with_few_listeners_and_new_songs(world, tmp_path):
+def write_run(root, world) -> RunDir:
+    """The world as a run directory, with one new song ("new0") predicted but not in the factors."""
     factors, plays, audio = world
-    run = RunDir(tmp_path / "run")
+    run = RunDir(root)
     Config(cf=CF).save(run.config)
     factors.save(run.factors)
     new = unit_rows(np.random.default_rng(2).standard_normal((1, 6)))
     atomic_save_npz(run.prediction("cnn-mse"), song_ids=np.append(factors.song_ids, "new0"),
                     factors=np.concatenate([audio, new]))
+    plays.to_parquet(run.plays)
+    return run
+
+
+def test_the_recommender_blends_songs_with_few_listeners_and_new_songs(world, tmp_path):
+    factors, plays, audio = world
+    run = write_run(tmp_path / "run", world)
     listeners_of_s000 = plays.loc[plays["track_id"] == factors.songs("train")[0], "user_id"].to_numpy()
     first_plays = pd.DataFrame({"user_id": listeners_of_s000[:5], "track_id": "new0", "count": 3})
     pd.concat([plays, first_plays]).to_parquet(run.plays)
@@ -112,3 +122,31 @@ def test_the_recommender_blends_songs_with_few_listeners_and_new_songs(world, tm
     rank = {name: [u in first for u in r.audience("new0", 60, exclude_played=False).ids].count(True)
             for name, r in (("blend", rec), ("audio", plain))}
     assert rank["blend"] > rank["audio"]
+
+
+def test_the_warmup_curve_ranks_remaining_listeners(world):
+    from sonicrec.warmup import warmup_curve
+
+    factors, plays, audio = world
+    rows = warmup_curve(factors, plays, factors.song_ids, audio, CF, reveals=(1, 5), ap_cutoff=50)
+    table = {(r["m"], r["method"]): r for r in rows}
+    assert {r["method"] for r in rows} == {"fold-in", "audio", "blend"} and len(rows) == 6
+    for m in (1, 5):
+        assert table[(m, "fold-in")]["n_songs"] == table[(m, "blend")]["n_songs"] > 0
+        best_part = max(table[(m, "fold-in")]["auc"], table[(m, "audio")]["auc"])
+        assert table[(m, "blend")]["auc"] >= best_part - 0.01
+        assert all(0.5 < table[(m, method)]["auc"] < 1 for method in ("fold-in", "audio", "blend"))
+    assert table[(5, "fold-in")]["auc"] > table[(1, "fold-in")]["auc"]  # more listeners, better fold-in
+
+
+def test_the_warmup_command_writes_the_curve(world, tmp_path, capsys):
+    from sonicrec.cli import main
+
+    run = write_run(tmp_path / "run", world)
+    assert main(["-q", "warmup", str(run.root)]) == 0
+    assert "| 1 |" in capsys.readouterr().out
+    rows = json.loads((run.evaluation / "warmup.json").read_text())
+    assert {r["m"] for r in rows} <= {1, 2, 5, 10, 20, 50} and {r["method"] for r in rows} == {
+        "fold-in", "audio", "blend"}
+    assert (run.evaluation / "warmup.png").stat().st_size > 1000
+    assert "| revealed |" in (run.evaluation / "warmup.md").read_text()

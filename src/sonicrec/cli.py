@@ -674,6 +674,30 @@ def _run_learning_curve(args: argparse.Namespace) -> None:
     print(f"written: {args.out / 'learning_curve.md'}, learning_curve.json, learning_curve.png")
 
 
+def _add_warmup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "warmup",
+        help="the warm-up curve: test songs placed by their first 1-50 listeners (fold-in, audio, blend)",
+        description=(
+            "Reveal 1, 2, 5, 10, 20, 50 listeners of every test song (seeded), place the song by the "
+            "fold-in from their plays, by its audio prediction and by their blend, and rank the other "
+            "users for it (mAP@500, AUC over its remaining listeners). Writes "
+            "RUN/evaluation/warmup.json, warmup.md and warmup.png."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--model", default="cnn-mse", help="model whose predictions are the audio part")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the revealed listeners")
+    p.set_defaults(func=_run_warmup)
+
+
+def _run_warmup(args: argparse.Namespace) -> None:
+    from sonicrec.warmup import curve_markdown, warmup_curve_run
+
+    print(curve_markdown(warmup_curve_run(args.run_dir, args.model, seed=args.seed)))
+    print(f"written: {args.run_dir / 'evaluation' / 'warmup.json'}, warmup.md, warmup.png")
+
+
 # --- train / predict ----------------------------------------------------------------------------
 
 
@@ -978,8 +1002,8 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 _COMMANDS = [
     _add_demo, _add_ingest, _add_factorize, _add_factors, _add_recommend, _add_audience, _add_similar,
-    _add_baselines, _add_evaluate, _add_study, _add_learning_curve, _add_train, _add_predict, _add_export,
-    _add_analyse, _add_neighbours, _add_serve,
+    _add_baselines, _add_evaluate, _add_study, _add_learning_curve, _add_warmup, _add_train, _add_predict,
+    _add_export, _add_analyse, _add_neighbours, _add_serve,
 ]
 
 

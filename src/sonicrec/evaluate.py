@@ -662,7 +662,7 @@ def evaluate_run(
         log.warning("%s: %s", run.root, results["not_computed"])
     else:
         plays = read_plays(run.plays, fmt="parquet", show_progress=show_progress)
-        if description is None and _marked_simulated(run.plays):
+        if description is None and marked_simulated(run.plays):
             description = "Listeners and their plays are SIMULATED (demo world); the music is real."
         results = evaluate_models(
             factors, plays, predictions, split=split, k=k, seed=seed, n_resamples=n_resamples,
@@ -678,7 +678,7 @@ def evaluate_run(
     return results
 
 
-def _marked_simulated(path: Path) -> bool:
+def marked_simulated(path: Path) -> bool:
     import pyarrow.parquet as pq
 
     metadata = pq.read_schema(path).metadata or {}

@@ -31,8 +31,10 @@ valid/test songs are not touched: their plays are the evaluation's ground truth.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +44,8 @@ from sonicrec.cf import confidence
 from sonicrec.config import CFConfig
 from sonicrec.errors import DataError
 from sonicrec.factors import Factors, unit_rows
+from sonicrec.io import atomic_path, atomic_write_text
+from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +227,130 @@ def warmup_vectors(
     ids = candidates[chosen]
     log.info("warm-up blend: %d songs with fewer than %d listeners or new", len(ids), below)
     return ids, blend.blend(fold, predicted[row.get_indexer(ids)])
+
+
+# --- the warm-up curve ------------------------------------------------------------------------------
+
+CURVE_REVEALS = (1, 2, 5, 10, 20, 50)
+METHODS = ("fold-in", "audio", "blend")
+
+
+def warmup_curve(
+    factors: Factors,
+    plays: pd.DataFrame,
+    predicted_ids: np.ndarray,
+    predicted: np.ndarray,
+    cfg: CFConfig,
+    *,
+    reveals: tuple[int, ...] = CURVE_REVEALS,
+    seed: int = 0,
+    ap_cutoff: int = 500,
+) -> list[dict]:
+    """mAP@``ap_cutoff`` and AUC of placing test songs from their first listeners, by method.
+
+    For each ``m`` in ``reveals`` and each test song with more than ``m`` listeners, ``m`` of them
+    are revealed (seeded); the song is placed by its fold-in from their plays, by its audio
+    prediction, and by the blend (calibrated on the valid songs); the song then ranks every user
+    not revealed by ``x_u . v`` and the remaining listeners are the relevant ones (song-centric:
+    finding a new release's audience). Returns one row per (m, method): m, method, n_songs,
+    map@cutoff, auc (means over songs).
+    """
+    from sonicrec.evaluate import ranking_metrics
+
+    predicted_ids = np.asarray(predicted_ids).astype(str)
+    row = pd.Index(predicted_ids)
+    valid = factors.songs("valid")
+    blend = WarmupBlend.fit(factors.user_factors, play_counts(plays, factors.user_ids, valid),
+                            predicted[row.get_indexer(valid)], cfg, seed=seed)
+    test = factors.songs("test")
+    test = test[np.isin(test, predicted_ids)]
+    counts = play_counts(plays, factors.user_ids, test)
+    audio = unit_rows(predicted[row.get_indexer(test)])
+    users = factors.user_factors
+    rng = np.random.default_rng(seed)
+    out = []
+    for m in reveals:
+        songs = np.flatnonzero(np.diff(counts.indptr) > m)
+        if len(songs) == 0:
+            log.warning("warm-up curve: no test song has more than %d listeners", m)
+            continue
+        revealed, remaining = reveal_listeners(counts[:, songs], m, rng)
+        fold = fold_in_posterior(users, revealed, cfg)
+        placed = {"fold-in": unit_rows(fold.factors), "audio": audio[songs],
+                  "blend": blend.blend(fold, audio[songs])}
+        for method in METHODS:
+            ap, auc = [], []
+            for j in range(len(songs)):
+                hidden = np.ones(len(users), dtype=bool)
+                hidden[revealed.indices[revealed.indptr[j] : revealed.indptr[j + 1]]] = False
+                relevant = sparse.csr_matrix(remaining[:, j].T)[:, np.flatnonzero(hidden)]
+                metrics = ranking_metrics(placed[method][j][None], users[hidden], relevant,
+                                          ap_cutoff=ap_cutoff, workers=1)
+                ap.append(metrics.ap[0])
+                auc.append(metrics.auc[0])
+            out.append({"m": m, "method": method, "n_songs": len(songs),
+                        f"map@{ap_cutoff}": float(np.mean(ap)), "auc": float(np.mean(auc))})
+        log.info("warm-up curve: %d listeners revealed, %d test songs", m, len(songs))
+    return out
+
+
+def curve_markdown(rows: list[dict], *, description: str = "") -> str:
+    """The warm-up curve as a Markdown table: one line per number of revealed listeners."""
+    cut = next(k for k in rows[0] if k.startswith("map@"))
+    by = {(r["m"], r["method"]): r for r in rows}
+    lines = [description, ""] if description else []
+    header = f"| revealed | test songs | {cut}: fold-in | audio | blend | AUC: fold-in | audio | blend |"
+    lines += [header, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in sorted({r["m"] for r in rows}):
+        cells = [f"{by[(m, method)][key]:.4f}" for key in (cut, "auc") for method in METHODS]
+        lines.append(f"| {m} | {by[(m, 'blend')]['n_songs']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(rows: list[dict], path: Path, *, title: str) -> None:
+    """mAP and AUC against revealed listeners (log scale), one line per method; PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cut = next(k for k in rows[0] if k.startswith("map@"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], cut, cut.replace("map", "mAP")), (axes[1], "auc", "AUC")):
+        for method, style in zip(METHODS, ("-o", "--s", "-^"), strict=True):
+            points = sorted((r["m"], r[key]) for r in rows if r["method"] == method)
+            ax.plot(*zip(*points, strict=True), style, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("listeners revealed per test song")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def warmup_curve_run(run: RunDir | str | Path, model: str = "cnn-mse", *, seed: int = 0) -> list[dict]:
+    """The warm-up curve of a run's model; writes RUN/evaluation/warmup.json, warmup.md, warmup.png."""
+    from sonicrec.evaluate import load_predictions, marked_simulated
+    from sonicrec.interactions import read_plays
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    cfg = run.read_config()
+    factors = Factors.load(run.factors)
+    if not factors.has_users or not run.plays.is_file():
+        raise DataError(f"{run.root}: the warm-up curve needs user factors and play counts")
+    ids, predicted = load_predictions(run.prediction(model), factors.n_factors)
+    rows = warmup_curve(factors, read_plays(run.plays, fmt="parquet", show_progress=False), ids, predicted,
+                        cfg.cf, seed=seed)
+    simulated = "Listeners are SIMULATED (demo world). " if marked_simulated(run.plays) else ""
+    description = (f"{simulated}Model {model}; per test song, its listeners revealed (seed {seed}) place it, "
+                   "the others are ranked among all users not revealed.")
+    out = run.evaluation
+    atomic_write_text(out / "warmup.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(out / "warmup.md", curve_markdown(rows, description=description))
+    title = f"Warm-up: placing test songs from their first listeners ({model})"
+    plot_curve(rows, out / "warmup.png", title=title)
+    return rows
