@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 from sonicrec.cf import factorize, fold_in_songs
 from sonicrec.config import CFConfig, Config
@@ -52,10 +53,14 @@ def test_the_fold_in_posterior_is_implicits_fold_in(world):
     counts = play_counts(plays, factors.user_ids, factors.songs("test"))
     fold = fold_in_posterior(factors.user_factors, counts, CF)
     np.testing.assert_allclose(fold.factors, fold_in_songs(factors.user_factors, counts, CF), atol=2e-4)
-    x = factors.user_factors.astype(np.float64)
-    np.testing.assert_allclose(fold.precision[0][np.diag_indices(6)].min(),
-                               np.diag(x.T @ x + CF.regularization * np.eye(6)).min(), rtol=0.5)
-    assert np.all(np.linalg.eigvalsh(fold.precision) > 0)
+    # the evidence of a song's plays: its listeners' outer products weighted by c - 1, plus lambda I
+    rows = counts[:, [0]].indices
+    x = factors.user_factors[rows].astype(np.float64)
+    weight = CF.alpha * np.log1p(counts[:, [0]].data / CF.epsilon)
+    np.testing.assert_allclose(fold.evidence[0], (x * weight[:, None]).T @ x + CF.regularization * np.eye(6),
+                               rtol=1e-5)
+    nobody = fold_in_posterior(factors.user_factors, sparse.csc_matrix((len(factors.user_ids), 1)), CF)
+    assert np.all(nobody.factors == 0) and np.allclose(nobody.evidence[0], CF.regularization * np.eye(6))
 
 
 def test_the_blend_moves_from_the_audio_to_the_listeners(world):
