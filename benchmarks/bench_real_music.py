@@ -14,6 +14,7 @@ the log-mel (2 x n_mels numbers, z-scored over the tracks) and for random vector
 * **cos**: mean pairwise cosine of the vectors (0 for isotropic ones; 1 when all collapse together);
 * **PR**: participation ratio of the covariance of the unit vectors, (sum l)^2 / sum l^2 over its
   eigenvalues l (the number of directions the tracks spread over; at most the dimension);
+* **unfamiliar**: the share of tracks the model's familiarity score flags (``sonicrec.familiarity``);
 * through ``Recommender.similar`` / ``audience`` on the files themselves (models of the run only):
   the share of the top-10 lists holding the single most frequent song (user), and how many distinct
   songs (users) all lists return. ``--raw`` adds the same for the raw scores, where the API has them.
@@ -147,31 +148,20 @@ def markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("tracks", type=Path)
-    parser.add_argument("--models", nargs="*", help="models of the run (default: every checkpoint)")
-    parser.add_argument("--cache", type=Path, help="folder for the decoded log-mels")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    run = RunDir(args.run)
-    names = args.models or sorted(p.parent.name for p in run.model.glob("*/checkpoint.pt"))
-    predictors = {name: Predictor.load(run.model / name / "checkpoint.pt") for name in names}
-    audio_cfg = next(iter(predictors.values())).config.audio if predictors else AudioConfig()
-    tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
+def measure(
+    run: RunDir, predictors: dict[str, Predictor], tracks: pd.DataFrame, logmels: np.ndarray, *, seed: int = 0
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The rows of both tables (module docstring): real recordings, and the run's own test songs."""
     groups = tracks.group.to_numpy(str)
-    print(f"{len(tracks)} tracks in {len(set(groups))} groups; run {run.root}; load {os.getloadavg()[0]:.1f}")
-
     lm = logmels.astype(np.float32)
     stats = np.concatenate([lm.mean(axis=2), lm.std(axis=2)], axis=1)
     vectors = {"log-mel mean/std": (stats - stats.mean(0)) / np.maximum(stats.std(0), 1e-6)}
     factors = Factors.load(run.factors)
-    rng = np.random.default_rng(args.seed)
-    vectors["random"] = rng.standard_normal((len(tracks), factors.n_factors))
+    vectors["random"] = np.random.default_rng(seed).standard_normal((len(tracks), factors.n_factors))
+    familiar = {}
     for name, predictor in predictors.items():
-        vectors[name] = predictor.predict_logmel(logmels)
+        vectors[name], scores = predictor.assess_logmel(logmels)
+        familiar[name] = "n/a" if scores is None else f"{1 - scores.familiar.mean():.1%}"
 
     base_share, chance = same_group_share(vectors["log-mel mean/std"], groups)
     n = len(tracks)
@@ -189,16 +179,47 @@ def main() -> None:
             "PR": f"{pr:.1f}",
         }
         if name in predictors:
+            row["unfamiliar"] = familiar[name]
             rec = Recommender.load(run.root, name, predictor=_Lookup(tracks.path.tolist(), v))
             row |= recommender_rows(rec, tracks.path.tolist(), skip_query=False)
-            predicted_ids, predicted = load_predictions(run.prediction(name), factors.n_factors)
-            is_test = np.isin(predicted_ids, factors.songs("test"))
-            test = predicted_ids[is_test].tolist()
-            mean_cos, pr = spread(predicted[is_test])
-            demo_rows.append({"model": name, "test songs": str(len(test)), "cos": f"{mean_cos:.3f}",
-                              "PR": f"{pr:.1f}"} | recommender_rows(rec, test, skip_query=True))
+            demo_rows.append(_test_song_row(run, name, predictors[name], factors, rec))
         rows.append(row)
-    print("\nReal recordings (same@10 ± SE over tracks; vs log-mel: paired difference ± its SE)\n")
+    return rows, demo_rows
+
+
+def _test_song_row(run: RunDir, name: str, predictor: Predictor, factors: Factors, rec: Recommender) -> dict:
+    predicted_ids, predicted = load_predictions(run.prediction(name), factors.n_factors)
+    is_test = np.isin(predicted_ids, factors.songs("test"))
+    test = predicted_ids[is_test].tolist()
+    mean_cos, pr = spread(predicted[is_test])
+    row = {"model": name, "test songs": str(len(test)), "cos": f"{mean_cos:.3f}", "PR": f"{pr:.1f}"}
+    if predictor.familiarity is not None:
+        from sonicrec.features import FeatureStore
+
+        _, scores = predictor.assess_logmel(FeatureStore(run.features).get_many(test))
+        row["unfamiliar"] = f"{1 - scores.familiar.mean():.1%}"
+    return row | recommender_rows(rec, test, skip_query=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("tracks", type=Path)
+    parser.add_argument("--models", nargs="*", help="models of the run (default: every checkpoint)")
+    parser.add_argument("--cache", type=Path, help="folder for the decoded log-mels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    run = RunDir(args.run)
+    names = args.models or sorted(p.parent.name for p in run.model.glob("*/checkpoint.pt"))
+    predictors = {name: Predictor.load(run.model / name / "checkpoint.pt") for name in names}
+    audio_cfg = next(iter(predictors.values())).config.audio if predictors else AudioConfig()
+    tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
+    print(f"{len(tracks)} tracks in {tracks.group.nunique()} groups; run {run.root}; "
+          f"load {os.getloadavg()[0]:.1f}")
+    rows, demo_rows = measure(run, predictors, tracks, logmels, seed=args.seed)
+    print("\nReal recordings (same@10 ± SE over tracks; vs log-mel: paired difference ± its SE; unfamiliar: "
+          "share flagged by the familiarity score)\n")
     print(markdown(rows))
     if demo_rows:
         print("\nThe run's own test songs (simulated listeners), queried by track id\n")
