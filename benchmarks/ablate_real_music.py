@@ -28,26 +28,28 @@ from sonicrec.train import train_run
 
 ALL = AUGMENTATIONS
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {  # name: (model.input_norm, train.augment)
+    # names become model names (letters, digits, "-", "_", "."): NORM[_aug[-no-AUGMENTATION]]
     "band": ("band", ()),
     "excerpt": ("excerpt", ()),
     "excerpt-band": ("excerpt-band", ()),
-    "band+aug": ("band", ALL),
-    "excerpt+aug": ("excerpt", ALL),
-    "excerpt-band+aug": ("excerpt-band", ALL),
-    **{f"excerpt+aug-{a}": ("excerpt", tuple(x for x in ALL if x != a)) for a in ALL},
-    **{f"band+aug-{a}": ("band", tuple(x for x in ALL if x != a)) for a in ALL},
+    "band_aug": ("band", ALL),
+    "excerpt_aug": ("excerpt", ALL),
+    "excerpt-band_aug": ("excerpt-band", ALL),
+    **{f"excerpt_aug-no-{a}": ("excerpt", tuple(x for x in ALL if x != a)) for a in ALL},
+    **{f"band_aug-no-{a}": ("band", tuple(x for x in ALL if x != a)) for a in ALL},
 }
 
 
-def train_variant(run: RunDir, name: str, norm: str, augment: tuple[str, ...]) -> float:
-    """Train and predict ``abl-NAME`` unless it exists; its best validation MSE."""
+def train_variant(run: RunDir, name: str, norm: str, augment: tuple[str, ...], schedule: dict) -> float:
+    """Train and predict ``abl-NAME`` unless it exists (``schedule``: [train] overrides for every
+    variant alike); its best validation MSE."""
     model_name = f"abl-{name}"
     checkpoint = run.model / model_name / "checkpoint.pt"
     if not checkpoint.exists():
         cfg = run.read_config()
         cfg = cfg.replace(
             model=dataclasses.replace(cfg.model, input_norm=norm),
-            train=dataclasses.replace(cfg.train, loss="mse", augment=augment),
+            train=dataclasses.replace(cfg.train, loss="mse", augment=augment, **schedule),
         )
         started = time.perf_counter()
         train_run(run, cfg, name=model_name, show_progress=False)
@@ -63,10 +65,16 @@ def main() -> None:
     parser.add_argument("tracks", type=Path)
     parser.add_argument("--cache", type=Path, help="folder for the decoded log-mels")
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=list(VARIANTS)[:6])
+    parser.add_argument("--epochs", type=int, help="a shorter schedule for every variant: at most N epochs")
+    parser.add_argument("--patience", type=int, help="... early stopping after N epochs without progress")
+    parser.add_argument("--crop-frames", type=int, help="... random crops of N frames")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     run = RunDir(args.run)
-    valid = {name: train_variant(run, name, *VARIANTS[name]) for name in args.variants}
+    schedule = {key: value for key, value in (
+        ("epochs", args.epochs), ("patience", args.patience), ("crop_frames", args.crop_frames),
+    ) if value is not None}
+    valid = {name: train_variant(run, name, *VARIANTS[name], schedule) for name in args.variants}
     predictors = {f"abl-{n}": Predictor.load(run.model / f"abl-{n}" / "checkpoint.pt") for n in args.variants}
     audio_cfg = next(iter(predictors.values())).config.audio
     tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
