@@ -105,12 +105,12 @@ class WarmupBlend:
     def blend(self, fold: FoldIn, predicted: np.ndarray) -> np.ndarray:
         """(n, k) unit directions of n songs from their fold-ins and (n, k) audio predictions."""
         p = unit_rows(np.asarray(predicted, dtype=np.float64)).astype(np.float64)
-        y, a, q = fold.factors, fold.evidence, self.audio_precision
+        y, e, q = fold.factors, fold.evidence, self.audio_precision
         norm = np.linalg.norm(y, axis=1)  # (n,)
         w = norm**2 / self.tau
         d = y / np.maximum(norm, 1e-12)[:, None]
-        system = w[:, None, None] * a + q  # (n, k, k)
-        rhs = w[:, None] * np.einsum("nij,nj->ni", a, d) + p @ q.T  # (n, k)
+        system = w[:, None, None] * e + q  # (n, k, k)
+        rhs = w[:, None] * np.einsum("nij,nj->ni", e, d) + p @ q.T  # (n, k)
         return unit_rows(np.linalg.solve(system, rhs[..., None])[..., 0])
 
     @classmethod
