@@ -35,7 +35,7 @@ def test_demo_runs_every_stage(tiny_run):
     assert set(plays.track_id) <= set(Catalog(run.catalog).ids())
     factors = Factors.load(run.factors)
     assert set(factors.split) == {"train", "valid", "test"}
-    for name in ("cnn-mse", "cnn-wpe", "cnn-bpr", "mfcc-linear", "mfcc-mlp"):
+    for name in ("cnn-mse", "cnn-wpe", "mfcc-linear", "mfcc-mlp"):
         assert run.prediction(name).is_file(), name
     results = json.loads((run.evaluation / "results.json").read_text())
     assert "SIMULATED" in summary and "mAP@500" in summary

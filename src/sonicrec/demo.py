@@ -2,7 +2,7 @@
 
 Stages (each a public function of its own module, called here in order):
 render (music21 corpus -> audio) -> catalog -> ingest (log-mel features) -> simulate listeners
-(SIMULATED play counts) -> factorize (WMF) -> train CNNs (MSE, WPE, BPR ranking) -> predict -> baselines ->
+(SIMULATED play counts) -> factorize (WMF) -> train CNNs (MSE, WPE) -> predict -> baselines ->
 evaluate -> analysis report. Rendered audio is cached across runs, so a second demo skips the expensive part.
 """
 
@@ -58,7 +58,7 @@ class DemoOptions:
     cache_dir: Path | None = None
     workers: int = 2
     show_progress: bool = True
-    cnn_losses: tuple[str, ...] = ("mse", "wpe", "bpr")  # models cnn-mse, cnn-wpe, cnn-bpr
+    cnn_losses: tuple[str, ...] = ("mse", "wpe")
 
     @classmethod
     def preset(
