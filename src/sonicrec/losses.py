@@ -49,6 +49,20 @@ log = logging.getLogger(__name__)
 RANKING_LOSSES = ("bpr", "softmax")
 
 
+def known_user_plays(
+    plays: pd.DataFrame, factors: Factors, song_ids: Sequence[str], *, kind: str
+) -> pd.DataFrame:
+    """The play rows of ``song_ids`` by users who have factors, with a ``user_row`` column (int64,
+    their row in ``factors.user_factors``); rows of users without factors are left out (logged)."""
+    plays = plays[plays["track_id"].isin(pd.Index(list(song_ids)))]
+    user_row = pd.Series(np.arange(len(factors.user_ids)), index=factors.user_ids)
+    rows = user_row.reindex(plays["user_id"].astype(str)).to_numpy()
+    known = ~np.isnan(rows)
+    if not known.all():
+        log.info("%s: %d play rows of users without factors are left out", kind, int((~known).sum()))
+    return plays[known].assign(user_row=rows[known].astype(np.int64))
+
+
 class RankingObjective:
     """In-batch ranking of training songs for users who played them (module docstring).
 
@@ -158,14 +172,9 @@ class RankingObjective:
         the objective's rows, and the objective.
         """
         wanted = pd.Index(list(song_ids))
-        plays = plays[plays["track_id"].isin(wanted)]
-        user_row = pd.Series(np.arange(len(factors.user_ids)), index=factors.user_ids)
-        users = user_row.reindex(plays["user_id"].astype(str)).to_numpy()
-        known = ~np.isnan(users)
-        if not known.all():
-            log.info("%s: %d play rows of users without factors are left out", kind, int((~known).sum()))
-        song = wanted.get_indexer(plays["track_id"][known])
-        pairs = np.unique(np.stack([song, users[known].astype(np.int64)], axis=1), axis=0)  # sorted
+        plays = known_user_plays(plays, factors, wanted, kind=kind)
+        song = wanted.get_indexer(plays["track_id"])
+        pairs = np.unique(np.stack([song, plays["user_row"].to_numpy()], axis=1), axis=0)  # sorted
         has_listener = np.bincount(pairs[:, 0], minlength=len(wanted)) > 0
         if not has_listener.all():
             shown = ", ".join(wanted[~has_listener][:5])

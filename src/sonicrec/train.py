@@ -58,7 +58,7 @@ from sonicrec.config import CFConfig, Config
 from sonicrec.errors import ConfigError, DataError, TrainingError
 from sonicrec.factors import Factors
 from sonicrec.io import atomic_path
-from sonicrec.losses import RankingObjective, SumObjective
+from sonicrec.losses import RankingObjective, SumObjective, known_user_plays
 from sonicrec.model import AudioCNN, select_device
 from sonicrec.rundir import RunDir
 
@@ -173,13 +173,7 @@ class WPEObjective:
         """
         user_factors = factors.user_factors.astype(np.float64)  # (U, k)
         wanted = pd.Index(list(song_ids))
-        plays = plays[plays["track_id"].isin(wanted)]
-        user_row = pd.Series(np.arange(len(factors.user_ids)), index=factors.user_ids)
-        rows = user_row.reindex(plays["user_id"].astype(str)).to_numpy()
-        known = ~np.isnan(rows)
-        if not known.all():
-            log.info("WPE: %d play rows of users without factors are left out", int((~known).sum()))
-        plays = plays[known].assign(user_row=rows[known].astype(np.int64))
+        plays = known_user_plays(plays, factors, wanted, kind="WPE")
         c = confidence(plays["count"].to_numpy(np.float64), alpha=cf.alpha, epsilon=cf.epsilon)
         plays = plays.assign(confidence=c.astype(np.float64))
 
