@@ -48,22 +48,18 @@ def test_precomputed_lists_equal_live_queries(world, config, monkeypatch):  # no
     def no_search(*args, **kwargs):
         raise AssertionError("searched although the lists hold the answer")
 
-    for n in (1, 2, 8, 13, 20):  # 13 = the song itself + 12 stored; 20 searches
-        for track in live.song_ids.tolist():
-            with monkeypatch.context() as m:
-                if n <= 13:
-                    m.setattr(served, "_nearest_songs", no_search)
-                got, want = served.similar(track, n), live.similar(track, n)
-            assert got.ids.tolist() == want.ids.tolist(), (track, n)
-            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
-    for n in (1, 7, 15, 16):
-        for user in live.factors.user_ids.tolist():
-            with monkeypatch.context() as m:
-                if n <= 15:
-                    m.setattr(served, "_nearest_songs", no_search)
-                got, want = served.recommend(user, n), live.recommend(user, n)
-            assert got.ids.tolist() == want.ids.tolist(), (user, n)
-            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+    def agree(query: str, queries: list[str], sizes: tuple[int, ...], stored: int) -> None:
+        for n in sizes:
+            for q in queries:
+                with monkeypatch.context() as m:
+                    if n <= stored:
+                        m.setattr(served, "_nearest_songs", no_search)
+                    got, want = getattr(served, query)(q, n), getattr(live, query)(q, n)
+                assert got.ids.tolist() == want.ids.tolist(), (q, n)
+                np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
+
+    agree("similar", live.song_ids.tolist(), (1, 2, 8, 13, 20), 13)  # the song itself + 12 stored
+    agree("recommend", live.factors.user_ids.tolist(), (1, 7, 15, 16), 15)
     raw = served.recommend("u03", 5, raw=True)  # not stored: searched, still right
     assert raw.ids.tolist() == live.recommend("u03", 5, raw=True).ids.tolist()
     raw_similar = served.similar("t01", 5, raw=True)
