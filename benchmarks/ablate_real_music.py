@@ -44,7 +44,7 @@ def train_variant(run: RunDir, name: str, norm: str, augment: tuple[str, ...], s
     """Train and predict ``abl-NAME`` unless it exists (``schedule``: [train] overrides for every
     variant alike); its best validation MSE."""
     model_name = f"abl-{name}"
-    checkpoint = run.model / model_name / "checkpoint.pt"
+    checkpoint = run.checkpoint(model_name)
     if not checkpoint.exists():
         cfg = run.read_config()
         cfg = cfg.replace(
@@ -75,7 +75,7 @@ def main() -> None:
         ("epochs", args.epochs), ("patience", args.patience), ("crop_frames", args.crop_frames),
     ) if value is not None}
     valid = {name: train_variant(run, name, *VARIANTS[name], schedule) for name in args.variants}
-    predictors = {f"abl-{n}": Predictor.load(run.model / f"abl-{n}" / "checkpoint.pt") for n in args.variants}
+    predictors = {f"abl-{n}": Predictor.load(run.checkpoint(f"abl-{n}")) for n in args.variants}
     audio_cfg = next(iter(predictors.values())).config.audio
     tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
     rows, demo_rows = measure(run, predictors, tracks, logmels)

@@ -40,12 +40,11 @@ import numpy as np
 import pandas as pd
 
 from sonicrec.config import AudioConfig
-from sonicrec.evaluate import load_predictions
-from sonicrec.factors import Factors, unit_rows
+from sonicrec.factors import Factors, Predictions, unit_rows
 from sonicrec.features import extract_track
 from sonicrec.predict import Predictor
 from sonicrec.recommend import Recommender
-from sonicrec.rundir import RunDir
+from sonicrec.rundir import CHECKPOINT_FILE, RunDir
 
 K = 10
 
@@ -188,7 +187,8 @@ def measure(
 
 
 def _test_song_row(run: RunDir, name: str, predictor: Predictor, factors: Factors, rec: Recommender) -> dict:
-    predicted_ids, predicted = load_predictions(run.prediction(name), factors.n_factors)
+    predictions = Predictions.load(run.prediction(name), n_factors=factors.n_factors)
+    predicted_ids, predicted = predictions.song_ids, predictions.factors
     is_test = np.isin(predicted_ids, factors.songs("test"))
     test = predicted_ids[is_test].tolist()
     mean_cos, pr = spread(predicted[is_test])
@@ -211,8 +211,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     run = RunDir(args.run)
-    names = args.models or sorted(p.parent.name for p in run.model.glob("*/checkpoint.pt"))
-    predictors = {name: Predictor.load(run.model / name / "checkpoint.pt") for name in names}
+    names = args.models or sorted(p.parent.name for p in run.model.glob(f"*/{CHECKPOINT_FILE}"))
+    predictors = {name: Predictor.load(run.checkpoint(name)) for name in names}
     audio_cfg = next(iter(predictors.values())).config.audio if predictors else AudioConfig()
     tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
     print(f"{len(tracks)} tracks in {tracks.group.nunique()} groups; run {run.root}; "

@@ -126,21 +126,20 @@ def write_untrained_checkpoint(run: RunDir, model: str = "cnn-mse") -> None:
     """RUN/model/MODEL/checkpoint.pt of a seeded, untrained CNN of the default architecture."""
     import torch
 
+    from sonicrec.checkpoint import save_checkpoint
     from sonicrec.model import AudioCNN
-    from sonicrec.train import CHECKPOINT_FORMAT
 
-    path = run.model / model / "checkpoint.pt"
+    path = run.checkpoint(model)
     if path.exists():
         return
     config = Config()
     torch.manual_seed(0)
     net = AudioCNN(config.model)
     n_mels = config.model.n_mels
-    state = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "loss": "mse", "target": "unit",
+    state = {"config": config.to_dict(), "loss": "mse", "target": "unit",
              "best_model": net.state_dict(),
              "input_norm": {"mean": torch.zeros(n_mels), "std": torch.ones(n_mels)}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    save_checkpoint(state, path)
 
 
 def upload_body(seconds: float = 30.0, sample_rate: int = 22050) -> tuple[bytes, str]:

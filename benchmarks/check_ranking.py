@@ -25,9 +25,9 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from sonicrec.evaluate import evaluate_models, load_predictions
-from sonicrec.factors import Factors
-from sonicrec.interactions import read_plays
+from sonicrec.evaluate import evaluate_models
+from sonicrec.factors import Factors, Predictions
+from sonicrec.interactions import read_play_matrix
 from sonicrec.recommend import Recommender
 from sonicrec.rundir import RunDir
 
@@ -69,8 +69,9 @@ def main() -> None:
 
     run = RunDir(args.run_dir)
     factors = Factors.load(run.factors)
-    plays = read_plays(run.plays, fmt="parquet")
-    predictions = {m: load_predictions(run.prediction(m), factors.n_factors) for m in args.models}
+    plays = read_play_matrix(run.plays, "parquet")
+    loaded = {m: Predictions.load(run.prediction(m), n_factors=factors.n_factors) for m in args.models}
+    predictions = {m: (p.song_ids, p.factors) for m, p in loaded.items()}
     table = evaluate_models(factors, plays, predictions, split=args.split)
     rows = {r["model"]: r for r in table["models"]}
     users = np.random.default_rng(args.seed).choice(factors.user_ids, args.users, replace=False)

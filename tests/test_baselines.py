@@ -19,6 +19,7 @@ from sonicrec.baselines import (
 from sonicrec.errors import DataError
 from sonicrec.evaluate import evaluate_models
 from sonicrec.factors import Factors
+from sonicrec.interactions import PlayMatrix
 from sonicrec.io import load_npz
 from sonicrec.rundir import RunDir
 
@@ -117,7 +118,7 @@ def test_baselines_predict_every_track_and_beat_chance() -> None:
     np.testing.assert_array_equal(again["mfcc-linear"][1], predictions["mfcc-linear"][1])
     np.testing.assert_array_equal(again["mfcc-mlp"][1], predictions["mfcc-mlp"][1])
 
-    results = evaluate_models(factors, plays, predictions, k=10)
+    results = evaluate_models(factors, PlayMatrix.from_frame(plays), predictions, k=10)
     auc = {r["model"]: r["auc"] for r in results["models"]}
     assert auc["mfcc-linear"] > auc["random"] + 0.1
     assert auc["mfcc-mlp"] > auc["random"] + 0.05

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from sonicrec.catalog import Catalog, Track
@@ -36,14 +38,13 @@ def test_catalog_persists_and_replaces(tmp_path):
 def test_status_transitions_and_counts(tmp_path):
     with Catalog(tmp_path / "c.sqlite") as cat:
         cat.upsert(_tracks())
-        cat.set_status("a", "failed", "silent audio")
-        cat.set_status("b", "ok")
+        assert cat.counts() == {"new": 2, "ok": 0, "failed": 0}
+        b, a = _tracks()
+        cat.upsert([replace(a, status="failed", error="silent audio"), replace(b, status="ok")])
         assert cat.counts() == {"new": 0, "ok": 1, "failed": 1}
         assert [t.error for t in cat.tracks("failed")] == ["silent audio"]
-        with pytest.raises(UnknownIdError, match="nope"):
-            cat.set_status("nope", "ok")
         with pytest.raises(DataError):
-            cat.set_status("a", "half-done")
+            replace(a, status="half-done")
 
 
 def test_unknown_id_and_bad_rows():

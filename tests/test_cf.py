@@ -15,13 +15,12 @@ from sonicrec.cf import (
     fit_wmf,
     fold_in_songs,
     heldout_split,
-    recommend,
 )
 from sonicrec.cli import main
 from sonicrec.config import CFConfig
-from sonicrec.errors import DataError, UnknownIdError
+from sonicrec.errors import DataError
 from sonicrec.factors import Factors
-from sonicrec.interactions import PlayMatrix
+from sonicrec.interactions import PlayMatrix, write_plays
 from sonicrec.rundir import RunDir
 
 CFG = CFConfig(factors=8, iterations=10, regularization=0.1, seed=0)
@@ -126,9 +125,9 @@ def test_cold_start_split_test_songs_never_reach_the_fit():
 
 
 def test_factorize_frame_without_split_and_users_without_train_plays():
-    plays = pd.DataFrame(
+    plays = PlayMatrix.from_frame(pd.DataFrame(
         {"user_id": ["a", "a", "b", "c"], "track_id": ["x", "y", "x", "z"], "count": [1, 2, 3, 4]}
-    )
+    ))
     factors = factorize(plays, CFConfig(factors=2, iterations=2), show_progress=False)
     assert set(factors.split) == {"train"}
     cold = factorize(plays, CFConfig(factors=2, iterations=2), split=np.array(["train", "train", "test"]),
@@ -140,9 +139,7 @@ def test_factorize_frame_without_split_and_users_without_train_plays():
 
 def test_factorize_run_saves_factors_with_unit_norms(tmp_path):
     run = RunDir(tmp_path / "run")
-    _matrix(_low_rank_plays()).to_frame().to_parquet(tmp_path / "plays.parquet")
-    run.root.mkdir()
-    shutil.move(tmp_path / "plays.parquet", run.plays)
+    write_plays(_matrix(_low_rank_plays()), run.plays)
     cfg = CFConfig(factors=8, iterations=5, valid_fraction=0.1, test_fraction=0.2, seed=4)
     factors = factorize_run(run, cfg, show_progress=False)
     loaded = Factors.load(run.factors)
@@ -155,23 +152,6 @@ def test_factorize_run_saves_factors_with_unit_norms(tmp_path):
     np.testing.assert_array_equal(again.split, factors.split)  # seeded
     with pytest.raises(DataError, match="no play counts"):
         factorize_run(tmp_path / "empty", cfg, show_progress=False)
-
-
-def test_recommend_ranks_by_dot_product():
-    rng = np.random.default_rng(0)
-    songs = rng.normal(size=(50, 4))
-    factors = Factors(
-        user_ids=["a", "b"], song_ids=[f"s{i}" for i in range(50)], user_factors=rng.normal(size=(2, 4)),
-        song_factors=songs, split=np.where(np.arange(50) < 40, "train", "test"),
-    )
-    scores = songs @ factors.user_factors[1]
-    ids, got = recommend(factors, "b", n=5)
-    assert list(ids) == [f"s{i}" for i in np.argsort(-scores)[:5]]
-    assert np.all(np.diff(got) <= 0)
-    ids, _ = recommend(factors, "b", n=100, split="test", exclude=["s45"])
-    assert len(ids) == 9 and "s45" not in ids and all(int(s[1:]) >= 40 for s in ids)
-    with pytest.raises(UnknownIdError):
-        recommend(factors, "nobody")
 
 
 def test_cli_factorize_plays_file(tmp_path, capsys):

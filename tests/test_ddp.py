@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 
+from sonicrec.checkpoint import load_checkpoint
 from sonicrec.config import AudioConfig, Config, ModelConfig, TrainConfig
 from sonicrec.errors import ConfigError
 from sonicrec.factors import Factors
 from sonicrec.features import FeatureStoreWriter
 from sonicrec.rundir import RunDir
-from sonicrec.train import CropSampler, distributed_rank, load_checkpoint, train_run
+from sonicrec.train import CropSampler, distributed_rank, train_run
 
 # 2-s excerpts: 128 mel bands x 40 frames
 AUDIO = AudioConfig(excerpt_seconds=2.0, n_frames=1 + 44100 // 1105)
@@ -91,7 +92,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("best validation loss") == 1  # rank 0 alone reports
 
-    one, two = load_checkpoint(single.checkpoint), load_checkpoint(run.model / "ddp" / "checkpoint.pt")
+    one, two = load_checkpoint(single.checkpoint), load_checkpoint(run.checkpoint("ddp"))
     assert two["epoch"] == one["epoch"] == TRAIN.epochs and two["step"] == one["step"]
     worst = 0.0
     for key in ("train_loss", "valid_loss"):

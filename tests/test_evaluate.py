@@ -14,6 +14,7 @@ from sonicrec import evaluate
 from sonicrec.errors import DataError
 from sonicrec.evaluate import evaluate_models, evaluate_run, ranking_metrics, relevance_matrix
 from sonicrec.factors import Factors
+from sonicrec.interactions import PlayMatrix
 from sonicrec.io import atomic_save_npz
 from sonicrec.rundir import RunDir
 
@@ -147,7 +148,7 @@ def test_perfect_predictor_equals_upper_bound_and_random_is_chance() -> None:
         "perfect": (factors.song_ids, factors.song_factors),
         "perfect-unit": (factors.song_ids[::-1], factors.song_factors_unit[::-1]),  # order is irrelevant
     }
-    results = evaluate_models(factors, plays, predictions, k=10, seed=1)
+    results = evaluate_models(factors, PlayMatrix.from_frame(plays), predictions, k=10, seed=1)
     metrics = ["map@500", "auc", "ndcg@10", "recall@10", "n_users"]
     assert {m: row(results, "perfect")[m] for m in metrics} == {
         m: row(results, "upper-bound")[m] for m in metrics
@@ -173,14 +174,15 @@ def test_songs_missing_from_a_prediction_are_left_out_for_all() -> None:
     factors, plays = synthetic_world(seed=2)
     test_songs = factors.songs("test")
     partial = (test_songs[3:], np.zeros((len(test_songs) - 3, factors.n_factors)) + 1.0)
-    results = evaluate_models(factors, plays, {"partial": partial}, split="test")
+    results = evaluate_models(factors, PlayMatrix.from_frame(plays), {"partial": partial}, split="test")
     assert results["data"]["n_songs"] == len(test_songs) - 3
     assert results["data"]["n_songs_left_out"] == 3
 
 
 def test_relevance_matrix_is_binary() -> None:
-    plays = pd.DataFrame({"user_id": ["a", "a", "b", "z"], "track_id": ["s1", "s2", "s2", "s1"],
-                          "count": [5, 1, 2, 1]})
+    plays = PlayMatrix.from_frame(pd.DataFrame(
+        {"user_id": ["a", "a", "b", "z"], "track_id": ["s1", "s2", "s2", "s1"], "count": [5, 1, 2, 1]}
+    ))
     matrix, unknown = relevance_matrix(plays, np.array(["a", "b"]), np.array(["s2", "s1"]))
     assert unknown == 1
     np.testing.assert_array_equal(matrix.toarray(), [[1, 1], [1, 0]])
@@ -206,7 +208,8 @@ def test_evaluate_run_writes_reports(tmp_path) -> None:
 
 
 def test_intervals_bracket_the_table_and_pair_every_prediction() -> None:
-    factors, plays = synthetic_world(seed=6)
+    factors, frame = synthetic_world(seed=6)
+    plays = PlayMatrix.from_frame(frame)
     noisy = factors.song_factors + np.random.default_rng(0).normal(0, 0.5, factors.song_factors.shape)
     predictions = {
         "mfcc-linear": (factors.song_ids, noisy), "cnn-mse": (factors.song_ids, factors.song_factors)

@@ -14,8 +14,8 @@ import pytest
 import test_recommend
 from sonicrec.cli import main
 from sonicrec.config import Config, IndexConfig
-from sonicrec.evaluate import load_predictions
 from sonicrec.export import export_run
+from sonicrec.factors import Predictions
 from sonicrec.index import VectorIndex
 from sonicrec.recommend import Recommender
 from test_recommend import _write_run
@@ -59,7 +59,8 @@ def test_parquet_tables_read_back_equal_to_the_run(run, world, capsys):
     assert f"predictions: {out / 'predictions.parquet'}" in capsys.readouterr().out
 
     table = pd.read_parquet(out / "predictions.parquet")
-    ids, vectors = load_predictions(run.prediction("cnn-mse"), factors.n_factors)
+    predicted = Predictions.load(run.prediction("cnn-mse"), n_factors=factors.n_factors)
+    ids, vectors = predicted.song_ids, predicted.factors
     assert table["track_id"].tolist() == ids.tolist()
     np.testing.assert_array_equal(np.stack(table["vector"].to_numpy()), vectors)
 

@@ -13,6 +13,7 @@ from sonicrec.config import Config, ModelConfig
 from sonicrec.errors import DataError
 from sonicrec.factors import Factors
 from sonicrec.familiarity import UNFAMILIAR_MESSAGE, Familiarity, FamiliarityScores
+from sonicrec.interactions import PlayMatrix
 from sonicrec.model import AudioCNN
 from sonicrec.predict import Predictor
 from sonicrec.recommend import Recommender
@@ -79,7 +80,7 @@ def test_recommender_reports_the_familiarity_of_audio_files(tmp_path):
     rng = np.random.default_rng(2)
     factors = Factors(np.array(["u0", "u1"]), np.array(["a", "b", "c"]), rng.standard_normal((2, 4)),
                       rng.standard_normal((3, 4)), np.array(["train", "train", "test"]))
-    plays = pd.DataFrame({"user_id": ["u0"], "track_id": ["a"], "count": [1]})
+    plays = PlayMatrix.from_frame(pd.DataFrame({"user_id": ["u0"], "track_id": ["a"], "count": [1]}))
     rec = Recommender(factors, np.array(["c"]), rng.standard_normal((1, 4)), plays, predictor=_Assessing(4))
     quiet, loud = tmp_path / "quiet.ogg", tmp_path / "loud.ogg"
     for f in (quiet, loud):

@@ -10,6 +10,7 @@ import pytest
 
 from sonicrec.factors import Factors, unit_rows
 from sonicrec.hubness import Moments, hub_share, mutual_proximity
+from sonicrec.interactions import PlayMatrix
 from sonicrec.recommend import Recommender
 
 K = 16
@@ -65,7 +66,7 @@ def test_hubness_reduction_breaks_up_a_planted_hub(tmp_path):
     queries = {f"q{i}.ogg": c + 0.6 * rng.standard_normal(K) / np.sqrt(K) for i in range(60)}
     for name in queries:
         (tmp_path / name).write_bytes(b"audio")
-    plays = pd.DataFrame({"user_id": ["u0"], "track_id": ["w0"], "count": [1]})
+    plays = PlayMatrix.from_frame(pd.DataFrame({"user_id": ["u0"], "track_id": ["w0"], "count": [1]}))
     rec = Recommender(factors, song_ids, predicted, plays, predictor=_Files(queries))
     files = [tmp_path / name for name in queries]
 

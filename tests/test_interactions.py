@@ -3,11 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from sonicrec import interactions
 from sonicrec.errors import DataError
-from sonicrec.interactions import PlayMatrix, read_play_matrix, read_plays, split_songs
+from sonicrec.interactions import PlayMatrix, read_play_matrix, split_songs, write_plays
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -115,7 +116,7 @@ def test_parquet_round_trip_and_bad_rows(tmp_path):
     frame = pd.DataFrame({"user_id": ["u1", "u1", "u2"], "track_id": ["a", "b", "a"], "count": [1, 4, 2]})
     frame.to_parquet(tmp_path / "plays.parquet")
     m = read_play_matrix(tmp_path / "plays.parquet", "parquet", show_progress=False)
-    back = read_plays(tmp_path / "plays.parquet", "parquet", show_progress=False)
+    back = m.to_frame()
     pd.testing.assert_frame_equal(
         back.sort_values(["user_id", "track_id"]).reset_index(drop=True), frame, check_dtype=False
     )
@@ -124,6 +125,35 @@ def test_parquet_round_trip_and_bad_rows(tmp_path):
     frame.to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="row 2: count is not a positive integer"):
         read_play_matrix(tmp_path / "bad.parquet", "parquet", on_bad="error", show_progress=False)
+
+
+def test_write_plays_is_what_the_reader_reads_with_its_metadata(tmp_path):
+    frame = pd.DataFrame({"user_id": ["u2", "u1", "u1"], "track_id": ["a", "b", "a"], "count": [2, 4, 1]})
+    path = tmp_path / "run" / "plays.parquet"
+    write_plays(frame, path, metadata={b"simulated": b"true"})
+    assert [p.name for p in path.parent.iterdir()] == ["plays.parquet"]  # written atomically
+    table = pq.read_table(path)
+    assert table.schema.metadata[b"simulated"] == b"true"
+    pd.testing.assert_frame_equal(table.to_pandas(), frame)  # a frame keeps its row order
+    m = read_play_matrix(path, "parquet", show_progress=False)
+    assert (m.counts != PlayMatrix.from_frame(frame).counts).nnz == 0
+    write_plays(m, path)
+    assert (read_play_matrix(path, "parquet", show_progress=False).counts != m.counts).nnz == 0
+    with pytest.raises(DataError, match="count must be an integer"):
+        write_plays(frame.assign(count=[1, 0, 2]), tmp_path / "bad.parquet")
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_aligned_counts_follow_the_ids_given():
+    m = PlayMatrix.from_frame(pd.DataFrame(
+        {"user_id": ["u1", "u1", "u2", "u3"], "track_id": ["a", "b", "a", "c"], "count": [1, 4, 2, 5]}
+    ))
+    got = m.aligned(["u2", "u1", "nobody"], ["b", "a", "new"])
+    np.testing.assert_array_equal(got.toarray(), [[0, 2, 0], [4, 1, 0], [0, 0, 0]])
+    assert got.dtype == np.int64 and got.has_sorted_indices
+    np.testing.assert_array_equal(m.played(["u1"]).toarray(), [[1, 1, 0]])  # songs a, b, c
+    assert m.aligned().nnz == m.n_pairs and m.played().dtype == np.float32
+    assert PlayMatrix.empty().aligned(["u1"], ["a"]).nnz == 0 and PlayMatrix.empty().n_pairs == 0
 
 
 def test_unknown_format_and_missing_file(tmp_path):

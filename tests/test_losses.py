@@ -7,10 +7,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from sonicrec.checkpoint import load_checkpoint
 from sonicrec.evaluate import ranking_metrics
 from sonicrec.factors import Factors
+from sonicrec.interactions import PlayMatrix
 from sonicrec.losses import RankingObjective, SumObjective
-from sonicrec.train import MSEObjective, fit, load_checkpoint
+from sonicrec.train import MSEObjective, fit
 from test_train import N_FACTORS, MemoryStore, make_run, toy_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -84,10 +86,10 @@ def test_from_plays_keeps_songs_with_listeners_and_the_sum_adds_mse():
         user_ids=["u0", "u1", "u2"], song_ids=["a", "b", "c"], user_factors=np.eye(3),
         song_factors=np.arange(9.0).reshape(3, 3) + 1, split=["train"] * 3,
     )
-    plays = pd.DataFrame(
+    plays = PlayMatrix.from_frame(pd.DataFrame(
         {"user_id": ["u0", "u1", "u1", "stranger", "u2"], "track_id": ["a", "a", "a", "b", "c"],
          "count": [1, 2, 3, 4, 5]}
-    )
+    ))
     kept, objective = RankingObjective.from_plays(
         plays, factors, ["a", "b", "c"], kind="bpr", users_per_song=None
     )
@@ -123,7 +125,8 @@ def ranking_world(n_songs: int = 64, n_users: int = 40, seed: int = 0):
         [f"user{u}" for u in range(n_users)], list(arrays), user_factors,
         np.zeros((n_songs, N_FACTORS)), ["train"] * n_songs,
     )
-    return MemoryStore(arrays), factors, pd.DataFrame(plays, columns=["user_id", "track_id", "count"]), likes
+    plays = PlayMatrix.from_frame(pd.DataFrame(plays, columns=["user_id", "track_id", "count"]))
+    return MemoryStore(arrays), factors, plays, likes
 
 
 def held_out_auc(predictor_path, store, factors, likes, held_out) -> float:

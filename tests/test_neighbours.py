@@ -8,6 +8,7 @@ from sonicrec.cli import main
 from sonicrec.config import Config, IndexConfig
 from sonicrec.factors import Factors
 from sonicrec.index import VectorIndex, voyager_available
+from sonicrec.interactions import PlayMatrix
 from sonicrec.io import atomic_save_npz
 from sonicrec.neighbours import NeighbourLists, compute_lists, neighbours_run
 from sonicrec.recommend import Recommender
@@ -86,8 +87,8 @@ def test_lists_of_other_factors_are_ignored(world):  # noqa: F811
     lists = compute_lists(_recommender(world), songs=5, users=5)
     moved = Factors(factors.user_ids, factors.song_ids, factors.user_factors[::-1].copy(),
                     factors.song_factors, factors.split)
-    assert not Recommender(moved, predicted_ids, predicted, plays).use_lists(lists)
-    fewer_plays = plays.iloc[10:]
+    assert not Recommender(moved, predicted_ids, predicted, PlayMatrix.from_frame(plays)).use_lists(lists)
+    fewer_plays = PlayMatrix.from_frame(plays.iloc[10:])
     assert not Recommender(factors, predicted_ids, predicted, fewer_plays).use_lists(lists)
 
 

@@ -11,6 +11,7 @@ from sonicrec.config import Config, IndexConfig
 from sonicrec.errors import DataError, UnknownIdError
 from sonicrec.factors import Factors, unit_rows
 from sonicrec.index import voyager_available
+from sonicrec.interactions import PlayMatrix
 from sonicrec.io import atomic_save_npz
 from sonicrec.recommend import Ranking, Recommender
 from sonicrec.rundir import RunDir
@@ -59,7 +60,7 @@ def world():
 
 def _recommender(world, **kwargs) -> Recommender:
     factors, predicted_ids, predicted, plays = world
-    return Recommender(factors, predicted_ids, predicted, plays, **kwargs)
+    return Recommender(factors, predicted_ids, predicted, PlayMatrix.from_frame(plays), **kwargs)
 
 
 def _song_table(world):
@@ -170,7 +171,7 @@ def test_flag_outliers_finds_the_song_that_sounds_different(world):
     pred = centre + 0.1 * rng.standard_normal((10, K))
     pred[6] = -centre  # the remix that sounds nothing like the rest
     rec = Recommender(factors, np.concatenate([predicted_ids, ids]),
-                      np.concatenate([predicted, pred]).astype(np.float32), plays)
+                      np.concatenate([predicted, pred]).astype(np.float32), PlayMatrix.from_frame(plays))
     flags = rec.flag_outliers(Ranking(np.array(ids + ["unknown"]), np.zeros(11)))
     assert flags.flagged.tolist() == [i == 6 for i in range(11)]
     assert np.argmax(np.nan_to_num(flags.score, nan=-1)) == 6 and np.isnan(flags.distance[10])
@@ -258,7 +259,7 @@ def test_audio_file_through_the_real_front_end_and_model(world, tmp_path):
     factors, predicted_ids, predicted, plays = world
     predicted = predicted.copy()
     predicted[list(predicted_ids).index("t52")] = stored[0]
-    rec = Recommender(factors, predicted_ids, predicted, plays, predictor=predictor)
+    rec = Recommender(factors, predicted_ids, predicted, PlayMatrix.from_frame(plays), predictor=predictor)
     by_file, by_id = rec.similar(audio, 6, raw=True), rec.similar("t52", 6, raw=True)
     assert by_file.ids.tolist() == by_id.ids.tolist()
     np.testing.assert_allclose(by_file.scores, by_id.scores, rtol=1e-4, atol=1e-5)
@@ -272,7 +273,7 @@ def test_calibration_gives_cold_songs_their_share_when_predictions_crowd_the_mea
     crowded = unit_rows(users + 0.15 * rng.standard_normal((len(predicted_ids), K)) * np.linalg.norm(users))
     shifted = Factors(factors.user_ids, factors.song_ids,
                       factors.user_factors + 3 * users, factors.song_factors, factors.split)
-    rec = Recommender(shifted, predicted_ids, crowded, plays)
+    rec = Recommender(shifted, predicted_ids, crowded, PlayMatrix.from_frame(plays))
     cold = set(rec.cold_ids.tolist())
     share = {c: np.mean([np.mean([i in cold for i in rec.recommend(u, 10, raw=not c).ids])
                          for u in shifted.user_ids]) for c in (False, True)}
@@ -293,7 +294,7 @@ def test_calibrated_similar_keeps_the_query_first_and_mixes_the_groups(world):
     rng = np.random.default_rng(6)
     centre = rng.standard_normal(K)
     crowded = unit_rows(centre + 0.2 * np.linalg.norm(centre) * rng.standard_normal((len(predicted_ids), K)))
-    rec = Recommender(factors, predicted_ids, crowded, plays)
+    rec = Recommender(factors, predicted_ids, crowded, PlayMatrix.from_frame(plays))
     cold = set(rec.cold_ids.tolist())
     query = rec.cold_ids[0]
     raw = rec.similar(query, 11, raw=True)

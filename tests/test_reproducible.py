@@ -30,12 +30,12 @@ def run_pipeline(run: RunDir, workers: int, train_seed: int = 3) -> str:
 
 
 def test_same_seed_same_results_whatever_the_workers(tmp_path, tiny_world):
-    from sonicrec.train import load_checkpoint
+    from sonicrec.checkpoint import load_checkpoint
 
     runs = [RunDir(shutil.copytree(tiny_world.root, tmp_path / n)) for n in ("first", "second", "other")]
     first = run_pipeline(runs[0], workers=0)
     assert run_pipeline(runs[1], workers=2) == first  # run twice, the loader set differently
-    weights = [load_checkpoint(r.model / "cnn-mse" / "checkpoint.pt")["model"] for r in runs[:2]]
+    weights = [load_checkpoint(r.checkpoint("cnn-mse"))["model"] for r in runs[:2]]
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
     # The comparison can fail: another training seed changes the results.

@@ -118,11 +118,11 @@ def test_spark_ingest_and_predict_equal_the_local_path(spark, audio_dir, tmp_pat
     paths = sorted(audio_dir.iterdir())
     tracks = spark.createDataFrame(pd.DataFrame({"track_id": [p.name for p in paths],
                                                  "path": [str(p) for p in paths]})).repartition(2)
-    out = predict_frame(tracks, local.model / "cnn-mse" / "checkpoint.pt", batch_size=4).toPandas()
+    out = predict_frame(tracks, local.checkpoint("cnn-mse"), batch_size=4).toPandas()
     out = out.set_index("track_id").loc[[p.name for p in paths]]
     assert out["error"].notna().tolist() == [p.name == "broken.wav" for p in paths]
     good = [p for p in paths if p.name != "broken.wav"]
-    expected = Predictor.load(local.model / "cnn-mse" / "checkpoint.pt").predict_files(good)
+    expected = Predictor.load(local.checkpoint("cnn-mse")).predict_files(good)
     audio_diff = np.abs(np.stack(out.loc[[p.name for p in good], "factors"]) - expected).max()
     print(f"spark vs local: features max abs diff {diff}, factors (store) {factor_diff.max():.2e}, "
           f"factors (audio) {audio_diff:.2e}")

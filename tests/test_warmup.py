@@ -45,12 +45,13 @@ def world():
 def songs_of(factors, plays, audio, split):
     ids = factors.songs(split)
     rows = factors.song_index(ids)
-    return play_counts(plays, factors.user_ids, ids), audio[rows], factors.song_factors_unit[rows]
+    counts = play_counts(PlayMatrix.from_frame(plays), factors.user_ids, ids)
+    return counts, audio[rows], factors.song_factors_unit[rows]
 
 
 def test_the_fold_in_posterior_is_implicits_fold_in(world):
     factors, plays, _ = world
-    counts = play_counts(plays, factors.user_ids, factors.songs("test"))
+    counts = play_counts(PlayMatrix.from_frame(plays), factors.user_ids, factors.songs("test"))
     fold = fold_in_posterior(factors.user_factors, counts, CF)
     np.testing.assert_allclose(fold.factors, fold_in_songs(factors.user_factors, counts, CF), atol=2e-4)
     # the evidence of a song's plays: its listeners' outer products weighted by c - 1, plus lambda I
@@ -86,7 +87,7 @@ def test_the_blend_moves_from_the_audio_to_the_listeners(world):
 
 def test_reveal_listeners_splits_each_songs_listeners(world):
     factors, plays, _ = world
-    counts = play_counts(plays, factors.user_ids, factors.songs("test"))
+    counts = play_counts(PlayMatrix.from_frame(plays), factors.user_ids, factors.songs("test"))
     revealed, remaining = reveal_listeners(counts, 3, np.random.default_rng(0))
     listeners = np.diff(counts.indptr)
     assert np.array_equal(np.diff(revealed.indptr), np.minimum(listeners, 3))
@@ -133,7 +134,8 @@ def test_the_warmup_curve_ranks_remaining_listeners(world):
     from sonicrec.warmup import warmup_curve
 
     factors, plays, audio = world
-    rows = warmup_curve(factors, plays, factors.song_ids, audio, CF, reveals=(1, 5), ap_cutoff=50)
+    rows = warmup_curve(factors, PlayMatrix.from_frame(plays), factors.song_ids, audio, CF, reveals=(1, 5),
+                        ap_cutoff=50)
     table = {(r["m"], r["method"]): r for r in rows}
     assert {r["method"] for r in rows} == {"fold-in", "audio", "blend"} and len(rows) == 6
     for m in (1, 5):

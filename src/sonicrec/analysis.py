@@ -42,7 +42,7 @@ from sonicrec.errors import DataError, SonicrecError
 from sonicrec.factors import unit_rows
 from sonicrec.io import atomic_path, atomic_write_text
 from sonicrec.model import AudioCNN
-from sonicrec.rundir import RunDir
+from sonicrec.rundir import RunDir, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,6 @@ def build_report(
     from sonicrec.catalog import Catalog
     from sonicrec.features import FeatureStore
     from sonicrec.predict import Predictor
-    from sonicrec.train import check_model_name
 
     started = time.perf_counter()
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
@@ -463,7 +462,7 @@ def build_report(
     if tracks not in TRACK_SETS:
         raise DataError(f"tracks={tracks!r}: choose one of {', '.join(TRACK_SETS)}")
     out = Path(out) if out is not None else run.analysis
-    predictor = Predictor.load(run.model / model / "checkpoint.pt")
+    predictor = Predictor.load(run.checkpoint(model))
     net, audio_cfg = predictor.model, predictor.config.audio
     n_filters_total = net.conv[0].out_channels
     bad = [f for f in filters if not 0 <= f < n_filters_total]

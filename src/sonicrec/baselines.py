@@ -21,28 +21,21 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sonicrec.errors import DataError
-from sonicrec.factors import Factors
-from sonicrec.io import atomic_save_npz
+from sonicrec.factors import Factors, Predictions
 from sonicrec.rundir import RunDir
+
+if TYPE_CHECKING:
+    from sonicrec.features import LogMelStore
 
 log = logging.getLogger(__name__)
 
 REGRESSORS = ("linear", "mlp")
 MIN_TRAIN_SONGS = 10
-
-
-class LogMelSource(Protocol):
-    """What the baselines read from a feature store (:class:`sonicrec.features.FeatureStore`)."""
-
-    @property
-    def track_ids(self) -> list[str]: ...
-
-    def get_many(self, track_ids: Sequence[str]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +107,7 @@ class Vocabulary:
 
 
 def fit_vocabulary(
-    store: LogMelSource,
+    store: LogMelStore,
     track_ids: Sequence[str],
     cfg: BagOfWordsConfig = BagOfWordsConfig(),
     *,
@@ -145,7 +138,7 @@ def fit_vocabulary(
 
 
 def bag_of_words(
-    store: LogMelSource,
+    store: LogMelStore,
     track_ids: Sequence[str],
     vocabulary: Vocabulary,
     cfg: BagOfWordsConfig = BagOfWordsConfig(),
@@ -182,7 +175,7 @@ def make_regressor(kind: str, cfg: BagOfWordsConfig = BagOfWordsConfig(), *, see
 
 
 def fit_bag_of_words_baselines(
-    store: LogMelSource,
+    store: LogMelStore,
     factors: Factors,
     cfg: BagOfWordsConfig = BagOfWordsConfig(),
     *,
@@ -247,5 +240,5 @@ def fit_baselines_run(
     paths = {}
     for name, (song_ids, predicted) in predictions.items():
         paths[name] = run.prediction(name)
-        atomic_save_npz(paths[name], song_ids=song_ids, factors=predicted)
+        Predictions(song_ids, predicted).save(paths[name])
     return paths

@@ -98,17 +98,6 @@ class Catalog:
                 rows,
             )
 
-    def set_status(self, track_id: str, status: str, error: str | None = None) -> None:
-        if status not in STATUSES:
-            raise DataError(f"status {status!r} not in {STATUSES}")
-        with self._db:
-            cur = self._db.execute(
-                "UPDATE tracks SET status = ?, error = ? WHERE track_id = ?",
-                (status, error, track_id),
-            )
-        if cur.rowcount == 0:
-            raise UnknownIdError(f"unknown track id {track_id!r}")
-
     def get(self, track_id: str) -> Track:
         row = self._db.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM tracks WHERE track_id = ?", (track_id,)

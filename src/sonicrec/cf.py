@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ import pandas as pd
 from scipy import sparse
 
 from sonicrec.config import CFConfig
-from sonicrec.errors import DataError, MissingExtraError, UnknownIdError, require
+from sonicrec.errors import DataError, MissingExtraError, require
 from sonicrec.factors import SPLITS, Factors
 from sonicrec.interactions import PlayMatrix, read_play_matrix, split_songs
 from sonicrec.rundir import RunDir
@@ -107,37 +106,36 @@ def fold_in_songs(user_factors: np.ndarray, counts: sparse.spmatrix, cfg: CFConf
 
 
 def factorize(
-    plays: PlayMatrix | pd.DataFrame,
+    plays: PlayMatrix,
     cfg: CFConfig,
     *,
     split: np.ndarray | None = None,
     show_progress: bool = True,
 ) -> Factors:
-    """WMF user and song factors of a play table, optionally with held-out (folded-in) songs.
+    """WMF user and song factors of play counts, optionally with held-out (folded-in) songs.
 
     Parameters
     ----------
-    plays : a :class:`PlayMatrix` or a plays table (``user_id``, ``track_id``, ``count``)
+    plays : the play counts (:meth:`PlayMatrix.from_frame` makes them of a plays table)
     split : (S,) "train" | "valid" | "test" per song of ``plays`` (in ``PlayMatrix.song_ids``
         order); None = every song is "train". WMF sees the train songs' plays only; the others
         are folded in (:func:`fold_in_songs`).
     """
-    matrix = plays if isinstance(plays, PlayMatrix) else PlayMatrix.from_frame(plays)
-    split = np.full(matrix.n_songs, "train") if split is None else np.asarray(split).astype(str)
-    if split.shape != (matrix.n_songs,) or not np.isin(split, SPLITS).all():
-        raise DataError(f"split must give one of {SPLITS} for each of the {matrix.n_songs} songs")
+    split = np.full(plays.n_songs, "train") if split is None else np.asarray(split).astype(str)
+    if split.shape != (plays.n_songs,) or not np.isin(split, SPLITS).all():
+        raise DataError(f"split must give one of {SPLITS} for each of the {plays.n_songs} songs")
     train = split == "train"
     if not train.any():
         raise DataError("no train songs to fit WMF on: lower cf.valid_fraction / cf.test_fraction")
-    user_factors, train_factors = fit_wmf(matrix.songs(train), cfg, show_progress=show_progress)
-    song_factors = np.zeros((matrix.n_songs, cfg.factors), dtype=np.float32)
+    user_factors, train_factors = fit_wmf(plays.songs(train), cfg, show_progress=show_progress)
+    song_factors = np.zeros((plays.n_songs, cfg.factors), dtype=np.float32)
     song_factors[train] = train_factors
     if (~train).any():
-        song_factors[~train] = fold_in_songs(user_factors, matrix.songs(~train), cfg)
-    n_cold = int((matrix.songs(train).getnnz(axis=1) == 0).sum())
+        song_factors[~train] = fold_in_songs(user_factors, plays.songs(~train), cfg)
+    n_cold = int((plays.songs(train).getnnz(axis=1) == 0).sum())
     if n_cold:
-        log.info("%d of %d users have no plays of train songs: zero factors", n_cold, matrix.n_users)
-    return Factors(matrix.user_ids, matrix.song_ids, user_factors, song_factors, split)
+        log.info("%d of %d users have no plays of train songs: zero factors", n_cold, plays.n_users)
+    return Factors(plays.user_ids, plays.song_ids, user_factors, song_factors, split)
 
 
 def factorize_run(
@@ -169,40 +167,6 @@ def factorize_run(
     factors.save(run.factors)
     log.info("saved %s (%s)", run.factors, ", ".join(f"{s}: {(split == s).sum()} songs" for s in SPLITS))
     return factors
-
-
-def recommend(
-    factors: Factors,
-    user_id: str,
-    *,
-    n: int = 10,
-    split: str | None = None,
-    exclude: Collection[str] = (),
-) -> tuple[np.ndarray, np.ndarray]:
-    """CF-only recommendations for a known user: songs by ``x_u . y_i``, best first.
-
-    Parameters
-    ----------
-    split : rank only the songs of this split ("train", "valid", "test"); None = all songs
-    exclude : song ids never to recommend (e.g. the user's own plays)
-
-    Returns
-    -------
-    song_ids : (m,) str, m = min(n, candidates)
-    scores : (m,) float32
-    """
-    if split is not None and split not in SPLITS:
-        raise UnknownIdError(f"unknown split {split!r}: use one of {SPLITS}")
-    user = factors.user_index(user_id)[0]
-    scores = factors.song_factors @ factors.user_factors[user]  # (S,)
-    candidates = np.ones(len(scores), dtype=bool) if split is None else factors.split == split
-    if len(exclude):
-        candidates &= ~np.isin(factors.song_ids, np.asarray(list(exclude), dtype=str))
-    index = np.flatnonzero(candidates)
-    m = min(n, len(index))
-    top = index[np.argpartition(-scores[index], m - 1)[:m]] if m else index
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return factors.song_ids[top], scores[top].astype(np.float32)
 
 
 # --- held-out plays: WMF against popularity ------------------------------------------------------

@@ -269,8 +269,7 @@ def _run_factorize(args: argparse.Namespace) -> None:
 
     from sonicrec.cf import evaluate_heldout, factorize_run
     from sonicrec.errors import ConfigError, OutputDirError
-    from sonicrec.interactions import read_play_matrix
-    from sonicrec.io import atomic_path
+    from sonicrec.interactions import read_play_matrix, write_plays
     from sonicrec.rundir import RunDir
 
     if (args.plays is None) == (args.run_dir is None):
@@ -300,8 +299,7 @@ def _run_factorize(args: argparse.Namespace) -> None:
             count_col=args.count_col or None, delimiter=args.delimiter, on_bad=on_bad,
             show_progress=args.progress,
         )
-        with atomic_path(run.plays) as tmp:
-            plays.to_frame().to_parquet(tmp, index=False)
+        write_plays(plays, run.plays)
     else:
         plays = read_play_matrix(run.plays, "parquet", on_bad="error", show_progress=args.progress)
     cfg = cfg.replace(cf=cf)
@@ -843,7 +841,7 @@ def _run_predict(args: argparse.Namespace) -> None:
     from sonicrec.predict import predict_audio
 
     result = predict_audio(
-        args.checkpoint or run.model / args.name / "checkpoint.pt", args.audio, args.out,
+        args.checkpoint or run.checkpoint(args.name), args.audio, args.out,
         batch_size=args.batch_size, workers=args.workers,
         strict=args.strict, show_progress=args.progress,
     )

@@ -47,8 +47,9 @@ import scipy.sparse as sp
 
 from sonicrec.bootstrap import DEFAULT_RESAMPLES, LEVEL, bootstrap_means
 from sonicrec.errors import DataError
-from sonicrec.factors import Factors, unit_rows
-from sonicrec.io import atomic_path, atomic_write_json, atomic_write_text, load_npz
+from sonicrec.factors import Factors, Predictions, unit_rows
+from sonicrec.interactions import PlayMatrix, read_play_matrix
+from sonicrec.io import atomic_path, atomic_write_json, atomic_write_text
 from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -266,45 +267,16 @@ def _chunk_metrics(
 
 
 def relevance_matrix(
-    plays: pd.DataFrame, user_ids: np.ndarray, song_ids: np.ndarray
+    plays: PlayMatrix, user_ids: np.ndarray, song_ids: np.ndarray
 ) -> tuple[sp.csr_matrix, int]:
-    """Binary (U, S) matrix of which user played which of ``song_ids``.
+    """Binary (U, S) float32 matrix of which of ``user_ids`` played which of ``song_ids``.
 
     Returns the matrix and the number of distinct users who played one of the songs but have no
     user factor (they cannot be scored and are left out).
     """
-    plays = plays[plays["track_id"].isin(pd.Index(song_ids))]
-    user_rows = pd.Index(user_ids).get_indexer(plays["user_id"])
-    song_cols = pd.Index(song_ids).get_indexer(plays["track_id"])
-    known = user_rows >= 0
-    n_unknown = int(plays.loc[~known, "user_id"].nunique())
-    matrix = sp.csr_matrix(
-        (np.ones(int(known.sum()), dtype=np.float32), (user_rows[known], song_cols[known])),
-        shape=(len(user_ids), len(song_ids)),
-    )
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    return matrix, n_unknown
-
-
-def load_predictions(path: Path, n_factors: int) -> tuple[np.ndarray, np.ndarray]:
-    """A predictions file: ``song_ids`` (S,) str and ``factors`` (S, n_factors) float32."""
-    try:
-        data = load_npz(path)
-        song_ids, pred = data["song_ids"].astype(str), data["factors"].astype(np.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(
-            f"{path}: not a predictions file with song_ids and factors ({exc}); delete it or re-run "
-            "the stage that wrote it"
-        ) from exc
-    if pred.ndim != 2 or pred.shape != (len(song_ids), n_factors):
-        raise DataError(
-            f"{path}: factors have shape {pred.shape}, expected ({len(song_ids)}, {n_factors}) to "
-            "match RUN/cf/factors.npz; re-run the stage that wrote it"
-        )
-    if not np.isfinite(pred).all() or len(np.unique(song_ids)) < len(song_ids):
-        raise DataError(f"{path}: NaN/infinite factors or repeated song ids; re-run the stage that wrote it")
-    return song_ids, pred
+    listeners = plays.user_ids[plays.aligned(song_ids=song_ids).getnnz(axis=1) > 0]
+    n_unknown = int(np.count_nonzero(~np.isin(listeners, np.asarray(user_ids).astype(str))))
+    return plays.played(user_ids, song_ids), n_unknown
 
 
 # --- the comparison of models ---------------------------------------------------------------------
@@ -312,7 +284,7 @@ def load_predictions(path: Path, n_factors: int) -> tuple[np.ndarray, np.ndarray
 
 def evaluate_models(
     factors: Factors,
-    plays: pd.DataFrame,
+    plays: PlayMatrix,
     predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
     *,
     split: str = "test",
@@ -327,7 +299,7 @@ def evaluate_models(
     Parameters
     ----------
     factors : WMF factors with the split; user factors score every model
-    plays : DataFrame[user_id, track_id, count]; plays of the split's songs are the ground truth
+    plays : the run's play counts; plays of the split's songs are the ground truth
     predictions : name -> (song_ids (S,) str, factors (S, f)); e.g. mfcc-linear, cnn-mse
     seed : seed of the random baseline, the popularity tie-break and the bootstrap
     n_resamples : bootstrap resamples of the users for the intervals; 0 = no intervals
@@ -354,10 +326,9 @@ def evaluate_models(
         raise DataError(f"fewer than 2 {split} songs have predictions from every model")
 
     relevant, n_unknown_users = relevance_matrix(plays, factors.user_ids, songs)
-    split_plays = plays[plays["track_id"].isin(pd.Index(songs))]
     rows = factors.song_index(songs)
     rng = np.random.default_rng(seed)
-    counts = split_plays.groupby("track_id")["count"].sum().reindex(songs, fill_value=0).to_numpy()
+    counts = np.asarray(plays.aligned(song_ids=songs).sum(axis=0)).ravel()  # (S,) plays per song
 
     candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {
         "random": (
@@ -406,7 +377,7 @@ def evaluate_models(
             "n_songs": int(len(songs)),
             "n_songs_left_out": int(len(split_songs) - len(songs)),
             "n_user_song_pairs": int(relevant.nnz),
-            "n_plays": int(split_plays["count"].sum()),
+            "n_plays": int(counts.sum()),
         },
         "models": results,
     }
@@ -641,14 +612,11 @@ def evaluate_run(
     ``description`` is written above the table; by default, plays marked simulated (the Parquet
     key-value metadata ``simulated=true`` of the demo world) are said to be simulated.
     """
-    from sonicrec.interactions import read_plays
-
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     factors = Factors.load(run.factors)
-    predictions = {
-        path.stem: load_predictions(path, factors.n_factors)
-        for path in sorted(run.predictions.glob("*.npz"))
-    }
+    loaded = {path.stem: Predictions.load(path, n_factors=factors.n_factors)
+              for path in sorted(run.predictions.glob("*.npz"))}
+    predictions = {name: (p.song_ids, p.factors) for name, p in loaded.items()}
     if not predictions:
         log.warning("no predictions in %s: only the baselines and the upper bound are evaluated",
                     run.predictions)
@@ -661,7 +629,7 @@ def evaluate_run(
         )
         log.warning("%s: %s", run.root, results["not_computed"])
     else:
-        plays = read_plays(run.plays, fmt="parquet", show_progress=show_progress)
+        plays = read_play_matrix(run.plays, "parquet", show_progress=show_progress)
         if description is None and marked_simulated(run.plays):
             description = "Listeners and their plays are SIMULATED (demo world); the music is real."
         results = evaluate_models(

@@ -33,7 +33,7 @@ import pandas as pd
 
 from sonicrec.config import IndexConfig
 from sonicrec.errors import DataError, require
-from sonicrec.evaluate import load_predictions
+from sonicrec.factors import Predictions
 from sonicrec.index import VectorIndex
 from sonicrec.io import atomic_path, atomic_write_text
 from sonicrec.recommend import Recommender
@@ -120,8 +120,9 @@ def export_run(
     out = Path(out) if out is not None else run.export(model)
     written: dict[str, Path] = {}
     if "predictions" in what:
-        ids, vectors = load_predictions(run.prediction(model), rec.factors.n_factors)
-        written["predictions"] = write_parquet(vector_table(ids, vectors), out / "predictions.parquet")
+        predicted = Predictions.load(run.prediction(model), n_factors=rec.factors.n_factors)
+        table = vector_table(predicted.song_ids, predicted.factors)
+        written["predictions"] = write_parquet(table, out / "predictions.parquet")
     if "neighbours" in what:
         written["neighbours"] = write_parquet(neighbour_lists(rec, n), out / "neighbours.parquet")
     if "topn" in what:

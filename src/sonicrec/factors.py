@@ -1,8 +1,11 @@
-"""Latent factors of users and songs, with the song split, saved as one ``.npz`` (no pickle)."""
+"""Latent factors: the WMF factors of users and songs with the song split (:class:`Factors`), and
+the song factors a model predicts from audio (:class:`Predictions`), each saved as one ``.npz``
+(no pickle)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +94,6 @@ class Factors:
             song_ids=self.song_ids,
             user_factors=self.user_factors,
             song_factors=self.song_factors,
-            song_factors_unit=self.song_factors_unit,
             split=self.split,
         )
 
@@ -108,6 +110,70 @@ class Factors:
             song_factors=data["song_factors"],
             split=data["split"],
         )
+
+
+@dataclass
+class Predictions:
+    """Song factors predicted by one model (RUN/predictions/NAME.npz: ``song_ids``, ``factors``).
+
+    Attributes
+    ----------
+    song_ids : (S,) str, unique
+    factors : (S, k) float32, finite
+    extra : name -> (S,) array saved beside them, e.g. ``paths``, ``familiar`` of audio files
+    """
+
+    song_ids: np.ndarray
+    factors: np.ndarray
+    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.song_ids = np.asarray(self.song_ids).astype(str)
+        self.factors = np.asarray(self.factors, dtype=np.float32)
+        self.extra = {name: np.asarray(values) for name, values in self.extra.items()}
+        n = len(self.song_ids)
+        if self.song_ids.ndim != 1 or self.factors.ndim != 2 or len(self.factors) != n:
+            raise DataError(f"predicted factors have shape {self.factors.shape}, expected ({n}, k), "
+                            "one row per song id")
+        if not np.isfinite(self.factors).all():
+            raise DataError("predicted factors hold NaN/infinite values")
+        if len(np.unique(self.song_ids)) < n:
+            raise DataError("predictions repeat song ids")
+        wrong = [name for name, values in self.extra.items() if name in _PREDICTION_KEYS or len(values) != n]
+        if wrong:
+            raise DataError(f"extra prediction arrays {wrong} are not one value per song")
+
+    @property
+    def n_factors(self) -> int:
+        return self.factors.shape[1]
+
+    def save(self, path: str | Path) -> None:
+        atomic_save_npz(path, song_ids=self.song_ids, factors=self.factors, **self.extra)
+
+    @classmethod
+    def load(cls, path: str | Path, *, n_factors: int | None = None) -> Predictions:
+        """Read and check a predictions file; ``n_factors``: the dimension it must have (that of the
+        run's CF factors). Raises :class:`DataError` naming the file."""
+        try:
+            data = load_npz(path)
+            song_ids, factors = data.pop("song_ids"), data.pop("factors")
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{path}: not a predictions file with song_ids and factors ({exc}); delete "
+                            "it or re-run the stage that wrote it") from exc
+        try:
+            predictions = cls(song_ids, factors, data)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}; re-run the stage that wrote it") from exc
+        if n_factors is not None and predictions.n_factors != n_factors:
+            raise DataError(
+                f"{path}: factors have shape {predictions.factors.shape}, expected "
+                f"({len(predictions.song_ids)}, {n_factors}) to match RUN/cf/factors.npz; re-run the "
+                "stage that wrote it"
+            )
+        return predictions
+
+
+_PREDICTION_KEYS = ("song_ids", "factors")
 
 
 def _lookup(index: dict[str, int], ids, kind: str) -> np.ndarray:

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -55,6 +56,20 @@ def _committed_shards(root: Path) -> list[tuple[int, list[str]]]:
             ids = json.loads(Path(entry.path).read_text(encoding="utf-8"))["track_ids"]
             shards.append((int(match.group(1)), ids))
     return sorted(shards)
+
+
+class LogMelStore(Protocol):
+    """What training and prediction read from a feature store (:class:`FeatureStore` is one)."""
+
+    n_mels: int
+    n_frames: int
+
+    @property
+    def track_ids(self) -> list[str]: ...
+
+    def get(self, track_id: str) -> np.ndarray: ...
+
+    def get_many(self, track_ids: Sequence[str]) -> np.ndarray: ...
 
 
 class FeatureStore:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from sonicrec.errors import DataError
+from sonicrec.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,35 @@ class PlayMatrix:
         """(U, n) counts of the songs at ``columns`` (integer indices or a boolean mask)."""
         columns = np.flatnonzero(columns) if np.asarray(columns).dtype == bool else np.asarray(columns)
         return self.counts[:, columns].tocsr()
+
+    def aligned(self, user_ids=None, song_ids=None) -> sparse.csr_matrix:
+        """(len(user_ids), len(song_ids)) int64 counts, rows and columns in the order given (e.g.
+        a factor model's; None: the matrix's own); ids without plays get empty rows or columns,
+        the plays of other ids are left out."""
+        user_ids = self.user_ids if user_ids is None else np.asarray(user_ids).astype(str)
+        song_ids = self.song_ids if song_ids is None else np.asarray(song_ids).astype(str)
+        rows = pd.Index(user_ids).get_indexer(self.user_ids)  # -1: left out
+        cols = pd.Index(song_ids).get_indexer(self.song_ids)
+        coo = self.counts.tocoo()
+        keep = (rows[coo.row] >= 0) & (cols[coo.col] >= 0)
+        matrix = sparse.csr_matrix(
+            (coo.data[keep], (rows[coo.row[keep]], cols[coo.col[keep]])),
+            shape=(len(user_ids), len(song_ids)), dtype=np.int64,
+        )
+        matrix.sort_indices()
+        return matrix
+
+    def played(self, user_ids=None, song_ids=None) -> sparse.csr_matrix:
+        """:meth:`aligned` as float32 ones: which user played which song."""
+        matrix = self.aligned(user_ids, song_ids).astype(np.float32)
+        matrix.data[:] = 1.0
+        return matrix
+
+    @classmethod
+    def empty(cls) -> PlayMatrix:
+        """No plays (a run whose factors were imported without play counts)."""
+        none = np.empty(0, dtype=str)
+        return cls(sparse.csr_matrix((0, 0), dtype=np.int64), none, none)
 
     @classmethod
     def from_frame(cls, plays: pd.DataFrame) -> PlayMatrix:
@@ -217,12 +247,27 @@ def read_play_matrix(
     return matrix
 
 
-def read_plays(path: str | Path, fmt: str = "triplets", **options) -> pd.DataFrame:
-    """Read play counts into the plays table: columns ``user_id`` (str), ``track_id`` (str), ``count``.
+def write_plays(
+    plays: PlayMatrix | pd.DataFrame, path: str | Path, *, metadata: Mapping[bytes, bytes] | None = None
+) -> None:
+    """Write play counts as the Parquet plays table RUN/plays.parquet, atomically.
 
-    One row per (user, song) pair (duplicates summed). ``options`` are those of :func:`read_play_matrix`.
+    Columns ``user_id`` (str), ``track_id`` (str), ``count`` (int64), one row per (user, song) pair;
+    ``metadata``: key-value pairs of the file (e.g. ``simulated=true``). A frame (columns as those)
+    is checked as :meth:`PlayMatrix.from_frame` checks it and written in its row order.
     """
-    return read_play_matrix(path, fmt, **options).to_frame()
+    import pyarrow.parquet as pq
+
+    if isinstance(plays, PlayMatrix):
+        frame = plays.to_frame()
+    else:
+        PlayMatrix.from_frame(plays)
+        frame = plays[["user_id", "track_id", "count"]]
+    schema = pa.schema([("user_id", pa.string()), ("track_id", pa.string()), ("count", pa.int64())])
+    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def split_songs(

@@ -41,8 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import sparse
 
 from sonicrec.factors import Factors
+from sonicrec.interactions import PlayMatrix
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +52,17 @@ RANKING_LOSSES = ("bpr", "softmax")
 
 
 def known_user_plays(
-    plays: pd.DataFrame, factors: Factors, song_ids: Sequence[str], *, kind: str
-) -> pd.DataFrame:
-    """The play rows of ``song_ids`` by users who have factors, with a ``user_row`` column (int64,
-    their row in ``factors.user_factors``); rows of users without factors are left out (logged)."""
-    plays = plays[plays["track_id"].isin(pd.Index(list(song_ids)))]
-    user_row = pd.Series(np.arange(len(factors.user_ids)), index=factors.user_ids)
-    rows = user_row.reindex(plays["user_id"].astype(str)).to_numpy()
-    known = ~np.isnan(rows)
-    if not known.all():
-        log.info("%s: %d play rows of users without factors are left out", kind, int((~known).sum()))
-    return plays[known].assign(user_row=rows[known].astype(np.int64))
+    plays: PlayMatrix, factors: Factors, song_ids: Sequence[str], *, kind: str
+) -> sparse.csc_matrix:
+    """(U, S) int64 play counts of ``song_ids`` by the users of ``factors`` (rows of
+    ``factors.user_factors``), by song, listeners sorted; plays of users without factors are left
+    out (logged)."""
+    counts = plays.aligned(factors.user_ids, song_ids).tocsc()
+    counts.sort_indices()
+    left_out = plays.aligned(song_ids=song_ids).nnz - counts.nnz
+    if left_out:
+        log.info("%s: %d play rows of users without factors are left out", kind, left_out)
+    return counts
 
 
 class RankingObjective:
@@ -163,7 +165,7 @@ class RankingObjective:
 
     @classmethod
     def from_plays(
-        cls, plays: pd.DataFrame, factors: Factors, song_ids: Sequence[str], *, kind: str,
+        cls, plays: PlayMatrix, factors: Factors, song_ids: Sequence[str], *, kind: str,
         users_per_song: int | None, mean_listeners: float | None = None, seed: int = 0,
     ) -> tuple[list[str], RankingObjective]:
         """The objective of ``song_ids`` from the users with factors who played them.
@@ -172,19 +174,16 @@ class RankingObjective:
         the objective's rows, and the objective.
         """
         wanted = pd.Index(list(song_ids))
-        plays = known_user_plays(plays, factors, wanted, kind=kind)
-        song = wanted.get_indexer(plays["track_id"])
-        pairs = np.unique(np.stack([song, plays["user_row"].to_numpy()], axis=1), axis=0)  # sorted
-        has_listener = np.bincount(pairs[:, 0], minlength=len(wanted)) > 0
+        counts = known_user_plays(plays, factors, wanted, kind=kind)  # (U, S) by song
+        has_listener = np.diff(counts.indptr) > 0
         if not has_listener.all():
             shown = ", ".join(wanted[~has_listener][:5])
             log.warning("%s: %d song(s) have no listener with factors and are skipped: %s",
                         kind, int((~has_listener).sum()), shown)
-        new_row = np.cumsum(has_listener) - 1
-        counts = np.bincount(new_row[pairs[:, 0]], minlength=int(has_listener.sum()))
-        kept = list(wanted[has_listener])
-        return kept, cls(
-            factors.user_factors, np.concatenate([[0], np.cumsum(counts)]), pairs[:, 1], kind=kind,
+        listened = counts[:, np.flatnonzero(has_listener)]
+        listened.sort_indices()
+        return list(wanted[has_listener]), cls(
+            factors.user_factors, listened.indptr, listened.indices, kind=kind,
             users_per_song=users_per_song, mean_listeners=mean_listeners, seed=seed,
         )
 

@@ -17,18 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sonicrec.checkpoint import checkpoint_config, load_checkpoint
 from sonicrec.config import Config
 from sonicrec.errors import AudioError, DataError
+from sonicrec.factors import Factors, Predictions
 from sonicrec.familiarity import Familiarity, FamiliarityScores
-from sonicrec.io import atomic_save_npz
 from sonicrec.model import AudioCNN, select_device
-from sonicrec.rundir import RunDir
-from sonicrec.train import LogMelStore, check_model_name, load_checkpoint
+from sonicrec.rundir import RunDir, check_model_name
+
+if TYPE_CHECKING:
+    from sonicrec.features import LogMelStore
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ class Predictor:
     def load(cls, path: str | Path, *, device: str = "auto") -> Predictor:
         """The best-validation model of a training checkpoint (``RUN/model/NAME/checkpoint.pt``)."""
         state = load_checkpoint(path)
-        config = Config.from_dict(state["config"])
+        config = checkpoint_config(state)
         model = AudioCNN(config.model)
         model.load_state_dict(state["best_model"])
         model.set_input_norm(state["input_norm"]["mean"], state["input_norm"]["std"])
@@ -281,7 +285,7 @@ def predict_run(
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     check_model_name(name)
-    checkpoint = Path(checkpoint or run.model / name / "checkpoint.pt")
+    checkpoint = Path(checkpoint or run.checkpoint(name))
     predictor = Predictor.load(checkpoint)
     store = FeatureStore(run.features)
     if len(store) == 0:
@@ -293,7 +297,7 @@ def predict_run(
     if familiarity is not None:
         familiarity.save(checkpoint.parent / FAMILIARITY_FILE)
     path = run.prediction(name)
-    atomic_save_npz(path, song_ids=song_ids, factors=factors)
+    Predictions(song_ids, factors).save(path)
     log.info("predicted %d tracks with %s -> %s", len(song_ids), name, path)
     return path
 
@@ -301,8 +305,6 @@ def predict_run(
 def _fit_familiarity(run: RunDir, song_ids: np.ndarray, embeddings: np.ndarray) -> Familiarity | None:
     """Familiarity fitted on the train split's activations, calibrated on the valid split's (None,
     logged, without CF factors or with fewer than two train songs)."""
-    from sonicrec.factors import Factors
-
     if not run.factors.is_file():
         log.warning("no CF factors at %s: no familiarity model (its training songs are unknown)", run.factors)
         return None
@@ -401,9 +403,10 @@ def predict_audio(
     chosen = [inputs[i] for i in result.index]
     ids = [track_id for track_id, _ in chosen]
     familiarity = predictor.familiarity_of(result.embeddings)
-    extra = {} if familiarity is None else {
-        "familiarity_distance": familiarity.distance, "familiar": familiarity.familiar}
-    atomic_save_npz(out, song_ids=ids, factors=result.factors, paths=[str(f) for _, f in chosen], **extra)
+    extra = {"paths": np.array([str(f) for _, f in chosen])}
+    if familiarity is not None:
+        extra |= {"familiarity_distance": familiarity.distance, "familiar": familiarity.familiar}
+    Predictions(ids, result.factors, extra).save(out)
     log.info("predicted %d of %d files -> %s", len(chosen), len(inputs), out)
     familiar = np.ones(len(ids), bool) if familiarity is None else familiarity.familiar
     unfamiliar = [track_id for track_id, ok in zip(ids, familiar, strict=True) if not ok]

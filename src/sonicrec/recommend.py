@@ -41,9 +41,10 @@ import scipy.sparse as sp
 from sonicrec.catalog import Catalog
 from sonicrec.config import IndexConfig
 from sonicrec.errors import DataError, UnknownIdError
-from sonicrec.factors import Factors, unit_rows
+from sonicrec.factors import Factors, Predictions, unit_rows
 from sonicrec.hubness import Moments, mutual_proximity
 from sonicrec.index import VectorIndex
+from sonicrec.interactions import PlayMatrix, read_play_matrix
 from sonicrec.neighbours import NeighbourLists
 from sonicrec.rundir import RunDir
 from sonicrec.warmup import DEFAULT_BELOW
@@ -98,7 +99,7 @@ class Recommender:
     factors : WMF factors with the song split
     predicted_ids : (P,) str, songs a model has predicted factors for (any split, or new songs)
     predicted_factors : (P, k) float, their predicted factors
-    plays : DataFrame with columns user_id, track_id (the run's plays.parquet)
+    plays : the run's play counts (who played which train song is all that is used)
     catalog : path of the catalog SQLite file, for :meth:`metadata`
     predictor : turns audio files into factors; loaded from ``checkpoint`` when first needed if None
     checkpoint : the model checkpoint for audio-file queries
@@ -114,7 +115,7 @@ class Recommender:
         factors: Factors,
         predicted_ids: np.ndarray,
         predicted_factors: np.ndarray,
-        plays: pd.DataFrame,
+        plays: PlayMatrix,
         *,
         catalog: Path | None = None,
         predictor: AudioPredictor | None = None,
@@ -173,7 +174,7 @@ class Recommender:
             _Group(self._songs_cold, self._cold_unit, self._queries),
         ]
         self._user_group = _Group(self._users, factors.user_factors, self._queries)
-        self._plays = _plays_matrix(plays, factors.user_ids, self.warm_ids)  # (U, W) CSR
+        self._plays = plays.played(factors.user_ids, self.warm_ids)  # (U, W) CSR
         self._listeners = self._plays.T.tocsr()  # (W, U)
 
     def _place_blended(self, blended: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
@@ -207,8 +208,6 @@ class Recommender:
         have plays, are placed by the warm-up blend of their plays and their audio
         (:func:`sonicrec.warmup.warmup_vectors`); 0 turns the blend off.
         """
-        from sonicrec.evaluate import load_predictions
-        from sonicrec.interactions import read_plays
         from sonicrec.warmup import warmup_vectors
 
         run = RunDir(run_dir)
@@ -222,9 +221,10 @@ class Recommender:
                 f"--catalog --name {model}` first"
                 + (f" or choose one of: {', '.join(known)}" if known else "")
             )
-        predicted_ids, predicted = load_predictions(path, factors.n_factors)
-        plays = (read_plays(run.plays, fmt="parquet", show_progress=show_progress) if run.plays.is_file()
-                 else pd.DataFrame({"user_id": [], "track_id": [], "count": []}))  # imported factors
+        predictions = Predictions.load(path, n_factors=factors.n_factors)
+        predicted_ids, predicted = predictions.song_ids, predictions.factors
+        plays = (read_play_matrix(run.plays, "parquet", show_progress=show_progress) if run.plays.is_file()
+                 else PlayMatrix.empty())  # factors imported without plays
         blended = None
         if warmup_below > 0:
             blended = warmup_vectors(factors, predicted_ids, predicted, plays, config.cf,
@@ -236,7 +236,7 @@ class Recommender:
             plays,
             catalog=run.catalog if run.catalog.exists() else None,
             predictor=predictor,
-            checkpoint=run.model / model / "checkpoint.pt",
+            checkpoint=run.checkpoint(model),
             index_config=config.index,
             index_dir=run.index / model,
             show_progress=show_progress,
@@ -657,17 +657,3 @@ def _merge(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarr
     scores = np.concatenate([p[1] for p in parts]).astype(np.float32)
     order = np.argsort(-scores, kind="stable")[:n]
     return ids[order], scores[order]
-
-
-def _plays_matrix(plays: pd.DataFrame, user_ids: np.ndarray, song_ids: np.ndarray) -> sp.csr_matrix:
-    """(U, S) binary CSR of who played which song; plays of other users/songs are left out."""
-    users = pd.Index(user_ids).get_indexer(plays["user_id"].astype(str))
-    songs = pd.Index(song_ids).get_indexer(plays["track_id"].astype(str))
-    keep = (users >= 0) & (songs >= 0)
-    matrix = sp.csr_matrix(
-        (np.ones(int(keep.sum()), dtype=np.float32), (users[keep], songs[keep])),
-        shape=(len(user_ids), len(song_ids)),
-    )
-    matrix.sum_duplicates()
-    matrix.sort_indices()
-    return matrix

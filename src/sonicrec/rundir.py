@@ -9,7 +9,7 @@ One place names the files, so stages agree without passing paths around::
     RUN/users.parquet          the demo world's simulated users (sonicrec.simulate)
     RUN/features/              log-mel feature store
     RUN/cf/factors.npz         WMF user and song factors + the song split
-    RUN/model/                 CNN checkpoint(s) and training metrics
+    RUN/model/NAME/            one CNN: checkpoint.pt, metrics.csv (and familiarity.npz)
     RUN/predictions/NAME.npz   predicted song factors of one model (song_ids, factors)
     RUN/evaluation/            results.json, results.md, results.png
     RUN/analysis/              the analysis report
@@ -25,12 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sonicrec.errors import OutputDirError
+from sonicrec.errors import ConfigError, OutputDirError
 
 if TYPE_CHECKING:
     from sonicrec.config import Config
 
 MARKER = "config.toml"
+CHECKPOINT_FILE = "checkpoint.pt"  # in a model's folder (sonicrec.checkpoint)
+METRICS_FILE = "metrics.csv"  # per-epoch training metrics, beside the checkpoint
+
+
+def check_model_name(name: str) -> None:
+    """A model name becomes a folder and a file name: letters, digits, '-', '_', '.' only."""
+    if not name or name.startswith(".") or not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise ConfigError(f"model name {name!r}: use letters, digits, '-', '_' or '.' (e.g. cnn-mse)")
 
 
 @dataclass(frozen=True)
@@ -98,11 +106,21 @@ class RunDir:
     def model(self) -> Path:
         return self.root / "model"
 
+    def model_dir(self, name: str) -> Path:
+        """RUN/model/NAME/, the folder of one trained model (its name is checked first)."""
+        check_model_name(name)
+        return self.model / name
+
+    def checkpoint(self, name: str) -> Path:
+        """RUN/model/NAME/checkpoint.pt, the training checkpoint of model ``name``."""
+        return self.model_dir(name) / CHECKPOINT_FILE
+
     @property
     def predictions(self) -> Path:
         return self.root / "predictions"
 
     def prediction(self, name: str) -> Path:
+        """RUN/predictions/NAME.npz, the predicted song factors of one model (factors.Predictions)."""
         return self.predictions / f"{name}.npz"
 
     @property

@@ -469,7 +469,7 @@ class SongMap:
 
 def load_song_map(run: RunDir, model: str, n_factors: int) -> SongMap:
     """The analysis report's t-SNE map when present and valid, else PCA of RUN/predictions/MODEL.npz."""
-    from sonicrec.evaluate import load_predictions
+    from sonicrec.factors import Predictions
 
     path = run.analysis / REPORT_FILE
     if path.is_file():
@@ -477,8 +477,8 @@ def load_song_map(run: RunDir, model: str, n_factors: int) -> SongMap:
             return SongMap.from_report(path)
         except DataError as exc:
             log.warning("%s; mapping the predicted factors with PCA instead", exc)
-    ids, factors = load_predictions(run.prediction(model), n_factors)
-    return SongMap.pca(ids, factors)
+    predicted = Predictions.load(run.prediction(model), n_factors=n_factors)
+    return SongMap.pca(predicted.song_ids, predicted.factors)
 
 
 # --- response models (the OpenAPI schema at /docs) ------------------------------------------------
@@ -625,7 +625,7 @@ def create_app(
     config = run.read_config()
     own_upload_dir = upload_dir is None
     uploads_root = Path(tempfile.mkdtemp(prefix="sonicrec-uploads-") if own_upload_dir else upload_dir)
-    checkpoint = run.model / model / "checkpoint.pt"
+    checkpoint = run.checkpoint(model)
     worker = UploadWorker(checkpoint if predictor is None else predictor, timeout_s=decode_timeout_s)
     uploads = UploadPredictor(uploads_root, worker)
     try:  # an interrupted start-up leaves no temporary folder behind

@@ -156,10 +156,11 @@ class SimulatedListening:
 
     def save(self, run_dir_root: str | Path) -> None:
         """Write RUN/plays.parquet and RUN/users.parquet atomically, marked ``simulated=true``."""
+        from sonicrec.interactions import write_plays
         from sonicrec.rundir import RunDir
 
         run = RunDir(Path(run_dir_root))
-        _write_parquet(self.plays, run.plays, self._file_metadata())
+        write_plays(self.plays, run.plays, metadata=self._file_metadata())
         _write_parquet(self.users, run.users, self._file_metadata())
         log.info("wrote SIMULATED plays to %s and simulated users to %s", run.plays, run.users)
 

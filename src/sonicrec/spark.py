@@ -38,8 +38,7 @@ from sonicrec.catalog import Catalog
 from sonicrec.config import AudioConfig
 from sonicrec.errors import AudioError, DataError, require
 from sonicrec.features import DEFAULT_SHARD_SIZE, Extracted, IngestResult
-from sonicrec.io import atomic_save_npz
-from sonicrec.rundir import RunDir
+from sonicrec.rundir import RunDir, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +260,13 @@ def predict_run_spark(
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from sonicrec.factors import Predictions
     from sonicrec.features import FeatureStore
     from sonicrec.predict import Predictor
-    from sonicrec.train import check_model_name
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     check_model_name(name)
-    checkpoint = Path(checkpoint or run.model / name / "checkpoint.pt")
+    checkpoint = Path(checkpoint or run.checkpoint(name))
     n_factors = Predictor.load(checkpoint, device="cpu").n_factors  # fails early on a bad checkpoint
     config = run.read_config()
     if from_audio:
@@ -300,7 +299,7 @@ def predict_run_spark(
     table = pd.read_parquet(parquet).set_index("track_id")
     table = table.reindex([t for t in frame["track_id"] if t in table.index])  # the store's order
     path = run.prediction(name)
-    atomic_save_npz(path, song_ids=table.index.to_numpy(dtype=str), factors=table.to_numpy(np.float32))
+    Predictions(table.index.to_numpy(dtype=str), table.to_numpy(np.float32)).save(path)
     log.info("predicted %d tracks with %s (%d failed) -> %s, %s", len(table), name, len(failures), parquet,
              path)
     return parquet, path

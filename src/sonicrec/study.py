@@ -90,7 +90,7 @@ def fit_and_evaluate(
         name = f"cnn-{loss}"
         if not run.prediction(name).is_file():
             loss_cfg = cfg.replace(train=dataclasses.replace(cfg.train, loss=loss))
-            interrupted = (run.model / name / "checkpoint.pt").is_file()
+            interrupted = run.checkpoint(name).is_file()
             train_run(run, loss_cfg, name=name, resume=interrupted, show_progress=show_progress)
             predict_run(run, name, show_progress=show_progress)
     if not run.prediction("mfcc-linear").is_file():

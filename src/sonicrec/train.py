@@ -21,8 +21,8 @@ Each epoch visits the training songs in a seeded random order, each cropped at a
 time shift (the crops are drawn by the sampler in the main process, so DataLoader workers only
 read the memory-mapped store). Validation runs on whole excerpts after every epoch; training
 stops early when it has not improved for ``patience`` epochs. After every epoch one checkpoint
-dict is written atomically to RUN/model/NAME/checkpoint.pt, and the per-epoch metrics to
-RUN/model/NAME/metrics.csv; ``resume=True`` continues from it bit for bit.
+dict (:mod:`sonicrec.checkpoint`) is written atomically to RUN/model/NAME/checkpoint.pt, and the
+per-epoch metrics to RUN/model/NAME/metrics.csv; ``resume=True`` continues from it bit for bit.
 
 Data-parallel training (``train_run(..., ddp=True)``, ``sonicrec train --ddp`` under ``torchrun``):
 every process holds a replica wrapped in ``DistributedDataParallel`` (gloo on CPU, NCCL on GPUs:
@@ -36,7 +36,6 @@ writes the checkpoint, which loads without DDP.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -44,7 +43,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -54,34 +53,22 @@ from tqdm.auto import tqdm
 
 from sonicrec.augment import Augmenter
 from sonicrec.cf import confidence
+from sonicrec.checkpoint import resume_checkpoint, save_checkpoint
 from sonicrec.config import CFConfig, Config
 from sonicrec.errors import ConfigError, DataError, TrainingError
 from sonicrec.factors import Factors
+from sonicrec.interactions import PlayMatrix, read_play_matrix
 from sonicrec.io import atomic_path
 from sonicrec.losses import RankingObjective, SumObjective, known_user_plays
 from sonicrec.model import AudioCNN, select_device
-from sonicrec.rundir import RunDir
+from sonicrec.rundir import CHECKPOINT_FILE, METRICS_FILE, RunDir
+
+if TYPE_CHECKING:
+    from sonicrec.features import LogMelStore
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "sonicrec-cnn-1"
 MIN_TRAIN_SONGS = 8
-# Train settings that may change between a run and its resumption; every other one must match.
-_RESUMABLE_SETTINGS = ("epochs", "patience", "num_workers", "device")
-
-
-class LogMelStore(Protocol):
-    """What training reads from a feature store (``sonicrec.features.FeatureStore``)."""
-
-    n_mels: int
-    n_frames: int
-
-    @property
-    def track_ids(self) -> list[str]: ...
-
-    def get(self, track_id: str) -> np.ndarray: ...
-
-    def get_many(self, track_ids: Sequence[str]) -> np.ndarray: ...
 
 
 # --- objectives ---------------------------------------------------------------------------------
@@ -154,7 +141,7 @@ class WPEObjective:
     @classmethod
     def from_plays(
         cls,
-        plays: pd.DataFrame,
+        plays: PlayMatrix,
         factors: Factors,
         song_ids: Sequence[str],
         cf: CFConfig,
@@ -172,26 +159,26 @@ class WPEObjective:
         objective : WPEObjective
         """
         user_factors = factors.user_factors.astype(np.float64)  # (U, k)
-        wanted = pd.Index(list(song_ids))
-        plays = known_user_plays(plays, factors, wanted, kind="WPE")
-        c = confidence(plays["count"].to_numpy(np.float64), alpha=cf.alpha, epsilon=cf.epsilon)
-        plays = plays.assign(confidence=c.astype(np.float64))
+        wanted = list(song_ids)
+        counts = known_user_plays(plays, factors, wanted, kind="WPE")  # (U, S) by song
+        conf = confidence(counts.data.astype(np.float64), alpha=cf.alpha, epsilon=cf.epsilon)
 
         k = user_factors.shape[1]
         gram = user_factors.T @ user_factors + cf.regularization * np.eye(k)  # (k, k)
-        by_song = dict(tuple(plays.groupby("track_id", sort=False)))
-        kept = [s for s in wanted if s in by_song]
+        played = np.diff(counts.indptr) > 0
+        columns = np.flatnonzero(played)
+        kept = [wanted[j] for j in columns]
         missing = len(wanted) - len(kept)
         if missing:
-            shown = ", ".join(s for s in wanted if s not in by_song)[:200]
+            shown = ", ".join(wanted[j] for j in np.flatnonzero(~played))[:200]
             log.warning("WPE: %d song(s) have no usable plays and are skipped: %s", missing, shown)
         quad = np.empty((len(kept), k, k))
         lin = np.empty((len(kept), k))
         const = np.empty(len(kept))
-        for i, song in enumerate(kept):
-            group = by_song[song]
-            x = user_factors[group["user_row"].to_numpy()]  # (n_i, k)
-            c = group["confidence"].to_numpy()  # (n_i,)
+        for i, j in enumerate(columns):
+            plays_of_song = slice(counts.indptr[j], counts.indptr[j + 1])
+            x = user_factors[counts.indices[plays_of_song]]  # (n_i, k)
+            c = conf[plays_of_song]  # (n_i,)
             quad[i] = gram + (x * (c - 1)[:, None]).T @ x
             lin[i] = c @ x
             const[i] = c.sum()
@@ -348,8 +335,8 @@ def fit(
     rank, world = _world()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
-    checkpoint_path = out_dir / "checkpoint.pt"
-    state = _resume_state(checkpoint_path, cfg, train_objective.name) if resume else None
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    state = resume_checkpoint(checkpoint_path, cfg, loss=train_objective.name) if resume else None
     if state is None and checkpoint_path.exists():
         log.warning("replacing the checkpoint at %s (pass resume to continue it)", checkpoint_path)
 
@@ -433,43 +420,6 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     )
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint (tensors and plain values only: ``weights_only``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no model checkpoint at {path}: train the model first (`sonicrec train`)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: torch raises many kinds, over many lines
-        log.debug("torch.load(%s) failed: %s", path, exc)
-        size = path.stat().st_size
-        raise DataError(
-            f"{path} ({size} bytes): corrupt or not a sonicrec checkpoint; train the model again"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: corrupt or not a sonicrec checkpoint (expected {CHECKPOINT_FORMAT})")
-    return state
-
-
-def _resume_state(path: Path, cfg: Config, loss: str) -> dict[str, Any] | None:
-    if not path.exists():
-        log.warning("no checkpoint at %s to resume: starting from scratch", path)
-        return None
-    state = load_checkpoint(path)
-    saved = Config.from_dict(state["config"])
-    differ = [f"model.{f}" for f, v in dataclasses.asdict(cfg.model).items() if getattr(saved.model, f) != v]
-    differ += [
-        f"train.{f}" for f, v in dataclasses.asdict(cfg.train).items()
-        if f not in _RESUMABLE_SETTINGS and getattr(saved.train, f) != v
-    ]
-    if differ or state["loss"] != loss:
-        raise ConfigError(
-            f"cannot resume {path}: it was trained with other settings ({', '.join(differ) or 'loss'}); "
-            "train under another name or without resume"
-        )
-    return state
-
-
 class _Loop:
     """One training run's mutable state; ``run`` trains until done and returns the result."""
 
@@ -551,7 +501,7 @@ class _Loop:
         if self.writer is not None:
             self.writer.close()
         return TrainResult(
-            checkpoint=self.out_dir / "checkpoint.pt", metrics=self.out_dir / "metrics.csv",
+            checkpoint=self.out_dir / CHECKPOINT_FILE, metrics=self.out_dir / METRICS_FILE,
             loss=self.train_objective.name, epochs=self.epoch, best_epoch=self.best_epoch,
             best_valid=self.best_valid, baseline_valid=baseline, train_songs=len(self.train_ids),
             valid_songs=len(self.valid_ids), samples_per_s=speed, data_wait=wait,
@@ -624,7 +574,6 @@ class _Loop:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {
-            "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             "loss": self.train_objective.name,
             "target": self.train_objective.target,
@@ -639,9 +588,8 @@ class _Loop:
             "history": self.history,
             "rng": rng,
         }
-        with atomic_path(self.out_dir / "checkpoint.pt") as tmp:
-            torch.save(state, tmp)
-        with atomic_path(self.out_dir / "metrics.csv") as tmp:
+        save_checkpoint(state, self.out_dir / CHECKPOINT_FILE)
+        with atomic_path(self.out_dir / METRICS_FILE) as tmp:
             pd.DataFrame(self.history).to_csv(tmp, index=False, float_format="%.6g")
 
 
@@ -728,7 +676,7 @@ def train_run(
     from sonicrec.features import FeatureStore
 
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    check_model_name(name)
+    out_dir = run.model_dir(name)
     factors = Factors.load(run.factors)
     if factors.n_factors != cfg.model.n_factors:
         raise ConfigError(
@@ -752,19 +700,19 @@ def train_run(
         train_objective = MSEObjective(unit[factors.song_index(train_ids)])
         valid_objective = MSEObjective(unit[factors.song_index(valid_ids)])
     elif cfg.train.loss == "wpe":
-        plays = _read_plays(run.plays, cfg.train.loss)
+        plays = _read_plays(run, cfg.train.loss)
         train_ids, train_objective = WPEObjective.from_plays(plays, factors, train_ids, cfg.cf)
         valid_ids, valid_objective = WPEObjective.from_plays(
             plays, factors, valid_ids, cfg.cf, scale=train_objective.scale
         )
     else:
-        plays = _read_plays(run.plays, cfg.train.loss)
+        plays = _read_plays(run, cfg.train.loss)
         train_ids, train_objective, valid_ids, valid_objective = _ranking_objectives(
             plays, factors, train_ids, valid_ids, cfg
         )
     with _process_group(cfg.train.device) if ddp else contextlib.nullcontext():
         return fit(
-            store, train_ids, train_objective, valid_ids, valid_objective, cfg, run.model / name,
+            store, train_ids, train_objective, valid_ids, valid_objective, cfg, out_dir,
             resume=resume, show_progress=show_progress,
         )
 
@@ -772,12 +720,6 @@ def train_run(
 def default_model_name(loss: str) -> str:
     """The name a model trained with ``loss`` gets unless told otherwise: cnn-mse, cnn-mse-bpr, ..."""
     return f"cnn-{loss.replace('+', '-')}"
-
-
-def check_model_name(name: str) -> None:
-    """A model name becomes a folder and a file name: letters, digits, '-', '_', '.' only."""
-    if not name or name.startswith(".") or not all(ch.isalnum() or ch in "-_." for ch in name):
-        raise ConfigError(f"model name {name!r}: use letters, digits, '-', '_' or '.' (e.g. cnn-mse)")
 
 
 def _usable_songs(factors: Factors, store: LogMelStore, split: str) -> list[str]:
@@ -794,7 +736,7 @@ def _usable_songs(factors: Factors, store: LogMelStore, split: str) -> list[str]
 
 
 def _ranking_objectives(
-    plays: pd.DataFrame, factors: Factors, train_ids: Sequence[str], valid_ids: Sequence[str], cfg: Config,
+    plays: PlayMatrix, factors: Factors, train_ids: Sequence[str], valid_ids: Sequence[str], cfg: Config,
 ) -> tuple[list[str], Objective, list[str], Objective]:
     """Training and validation objectives of a ranking loss (``bpr``, ``softmax``) or of MSE plus
     one (``mse+bpr``, ...); validation ranks with every listener, weighted as the training songs."""
@@ -815,9 +757,7 @@ def _ranking_objectives(
     return train_ids, plus_mse(train_ids, train_rank), valid_ids, plus_mse(valid_ids, valid_rank)
 
 
-def _read_plays(path: Path, loss: str) -> pd.DataFrame:
-    try:
-        plays = pd.read_parquet(path, columns=["user_id", "track_id", "count"])
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"cannot read play counts {path} (needed by train.loss = {loss!r}): {exc}") from exc
-    return plays.astype({"user_id": str, "track_id": str})
+def _read_plays(run: RunDir, loss: str) -> PlayMatrix:
+    if not run.plays.is_file():
+        raise DataError(f"no play counts at {run.plays}: train.loss = {loss!r} needs them; use 'mse'")
+    return read_play_matrix(run.plays, "parquet", show_progress=False)

@@ -47,7 +47,8 @@ from scipy import sparse
 from sonicrec.cf import confidence
 from sonicrec.config import CFConfig
 from sonicrec.errors import DataError
-from sonicrec.factors import Factors, unit_rows
+from sonicrec.factors import Factors, Predictions, unit_rows
+from sonicrec.interactions import PlayMatrix, read_play_matrix
 from sonicrec.io import atomic_path, atomic_write_text
 from sonicrec.rundir import RunDir
 
@@ -180,22 +181,16 @@ def reveal_listeners(
     return revealed, remaining
 
 
-def play_counts(plays: pd.DataFrame, user_ids: np.ndarray, song_ids: np.ndarray) -> sparse.csc_matrix:
-    """(U, S) play counts of ``song_ids`` by ``user_ids`` from a plays table (others left out)."""
-    users = pd.Index(user_ids).get_indexer(plays["user_id"].astype(str))
-    songs = pd.Index(song_ids).get_indexer(plays["track_id"].astype(str))
-    keep = (users >= 0) & (songs >= 0)
-    counts = plays["count"].to_numpy(np.float64)[keep] if "count" in plays else np.ones(int(keep.sum()))
-    matrix = sparse.csc_matrix((counts, (users[keep], songs[keep])), shape=(len(user_ids), len(song_ids)))
-    matrix.sum_duplicates()
-    return matrix
+def play_counts(plays: PlayMatrix, user_ids: np.ndarray, song_ids: np.ndarray) -> sparse.csc_matrix:
+    """(U, S) float64 play counts of ``song_ids`` by ``user_ids`` (others left out), by song."""
+    return plays.aligned(user_ids, song_ids).astype(np.float64).tocsc()
 
 
 def warmup_vectors(
     factors: Factors,
     predicted_ids: np.ndarray,
     predicted: np.ndarray,
-    plays: pd.DataFrame,
+    plays: PlayMatrix,
     cfg: CFConfig,
     *,
     below: int = DEFAULT_BELOW,
@@ -207,7 +202,7 @@ def warmup_vectors(
     predictions and plays to calibrate on.
     """
     predicted_ids = np.asarray(predicted_ids).astype(str)
-    if not factors.has_users or len(plays) == 0:
+    if not factors.has_users or plays.n_pairs == 0:
         return None
     valid = factors.songs("valid")
     valid = valid[np.isin(valid, predicted_ids)]
@@ -241,7 +236,7 @@ METHODS = ("fold-in", "audio", "blend")
 
 def warmup_curve(
     factors: Factors,
-    plays: pd.DataFrame,
+    plays: PlayMatrix,
     predicted_ids: np.ndarray,
     predicted: np.ndarray,
     cfg: CFConfig,
@@ -338,17 +333,16 @@ def plot_curve(rows: list[dict], path: Path, *, title: str) -> None:
 
 def warmup_curve_run(run: RunDir | str | Path, model: str = "cnn-mse", *, seed: int = 0) -> list[dict]:
     """The warm-up curve of a run's model; writes RUN/evaluation/warmup.json, warmup.md, warmup.png."""
-    from sonicrec.evaluate import load_predictions, marked_simulated
-    from sonicrec.interactions import read_plays
+    from sonicrec.evaluate import marked_simulated
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = run.read_config()
     factors = Factors.load(run.factors)
     if not factors.has_users or not run.plays.is_file():
         raise DataError(f"{run.root}: the warm-up curve needs user factors and play counts")
-    ids, predicted = load_predictions(run.prediction(model), factors.n_factors)
-    rows = warmup_curve(factors, read_plays(run.plays, fmt="parquet", show_progress=False), ids, predicted,
-                        cfg.cf, seed=seed)
+    predicted = Predictions.load(run.prediction(model), n_factors=factors.n_factors)
+    plays = read_play_matrix(run.plays, "parquet", show_progress=False)
+    rows = warmup_curve(factors, plays, predicted.song_ids, predicted.factors, cfg.cf, seed=seed)
     simulated = "Listeners are SIMULATED (demo world). " if marked_simulated(run.plays) else ""
     description = (f"{simulated}Model {model}; per test song, its listeners revealed (seed {seed}) place it, "
                    "the others are ranked among all users not revealed.")
