@@ -12,12 +12,12 @@ process. The ratios say what a ranking loss adds to a training step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
 import torch
 
+from sonicrec.config import AudioConfig
 from sonicrec.factors import unit_rows
 from sonicrec.losses import RankingObjective
 from sonicrec.model import AudioCNN
@@ -67,8 +67,9 @@ def main() -> None:
             objective.per_song(pred, rows).mean().backward()
 
         timings[name] = seconds_per_call(step, args.repeats)
-    model = AudioCNN(dataclasses.replace(DEMO_MODEL, n_factors=K))
-    x = torch.randn(BATCH, DEMO_MODEL.n_mels, 599)
+    n_mels = AudioConfig().n_mels
+    model = AudioCNN(DEMO_MODEL, n_mels=n_mels, n_factors=K)
+    x = torch.randn(BATCH, n_mels, 599)
 
     def cnn_step() -> None:
         model(x).square().mean().backward()

@@ -1,4 +1,4 @@
-"""Speed of the demo world's audio rendering (sonicrec.render), cold and cached, and what it holds.
+"""Speed of the demo world's audio rendering (sonicrec.demo.render), cold and cached, and what it holds.
 
     python benchmarks/bench_render.py --tracks 150 --workers 2
 
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sonicrec.render import render_world
+from sonicrec.demo.render import render_world
 
 
 def _cpu_seconds() -> float:

@@ -134,8 +134,8 @@ def write_untrained_checkpoint(run: RunDir, model: str = "cnn-mse") -> None:
         return
     config = Config()
     torch.manual_seed(0)
-    net = AudioCNN(config.model)
-    n_mels = config.model.n_mels
+    net = AudioCNN.for_config(config)
+    n_mels = config.audio.n_mels
     state = {"config": config.to_dict(), "loss": "mse", "target": "unit",
              "best_model": net.state_dict(),
              "input_norm": {"mean": torch.zeros(n_mels), "std": torch.ones(n_mels)}}

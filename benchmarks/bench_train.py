@@ -66,12 +66,12 @@ def simulated_wavs(folder: Path, n_files: int, seconds: float, seed: int) -> lis
     return paths
 
 
-def in_memory_rate(cfg: ModelConfig, batch: int, frames: int, steps: int) -> float:
+def in_memory_rate(cfg: Config, batch: int, frames: int, steps: int) -> float:
     """Reference: forward + backward + SGD step on in-memory tensors, samples/s."""
     torch.manual_seed(0)
-    model = AudioCNN(cfg).train()
+    model = AudioCNN.for_config(cfg).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x, y = torch.randn(batch, cfg.n_mels, frames), torch.randn(batch, cfg.n_factors)
+    x, y = torch.randn(batch, cfg.audio.n_mels, frames), torch.randn(batch, cfg.cf.factors)
     ((model(x) - y) ** 2).mean().backward()  # warm-up
     start = time.perf_counter()
     for _ in range(steps):
@@ -83,16 +83,16 @@ def in_memory_rate(cfg: ModelConfig, batch: int, frames: int, steps: int) -> flo
 
 def bench_model(name, model_cfg, store, wavs, args, out: Path) -> dict[str, float]:
     ids = store.track_ids
-    rng = np.random.default_rng(1)
-    targets = unit_rows(rng.standard_normal((len(ids), model_cfg.n_factors)))
-    n_valid = max(8, len(ids) // 8)
     train = TrainConfig(epochs=args.epochs, batch_size=32, num_workers=args.workers, seed=0)
     cfg = Config(model=model_cfg, train=train)
+    rng = np.random.default_rng(1)
+    targets = unit_rows(rng.standard_normal((len(ids), cfg.cf.factors)))
+    n_valid = max(8, len(ids) // 8)
     result = fit(
         store, ids[n_valid:], MSEObjective(targets[n_valid:]), ids[:n_valid], MSEObjective(targets[:n_valid]),
         cfg, out / name, show_progress=False,
     )
-    reference = in_memory_rate(model_cfg, 32, store.n_frames, steps=args.ref_steps)
+    reference = in_memory_rate(cfg, 32, store.n_frames, steps=args.ref_steps)
     predictor = Predictor.load(result.checkpoint, device="cpu")
     predictor.predict_store(store, ids[:32])  # warm-up
     start = time.perf_counter()

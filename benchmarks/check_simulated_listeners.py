@@ -26,8 +26,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from sonicrec.catalog import Catalog
-from sonicrec.config import CFConfig, DemoConfig
-from sonicrec.simulate import ATTRIBUTES, ListenerParams, _encode_tracks, simulate_listening
+from sonicrec.config import CFConfig
+from sonicrec.demo import DemoConfig
+from sonicrec.demo.listeners import ATTRIBUTES, ListenerParams, _encode_tracks, simulate_listening
 
 # style -> (share, collections, composers (Zipf-weighted), instrument families, voices, tempo, pitch)
 STYLES = {

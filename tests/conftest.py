@@ -45,7 +45,7 @@ def tiny_world(tmp_path):
     Config(
         audio=audio,
         cf=CFConfig(factors=4, iterations=5, valid_fraction=0.25, test_fraction=0.25, seed=3),
-        model=ModelConfig.small(n_factors=4, conv_channels=(8, 8, 8, 8), dense_units=(16,)),
+        model=ModelConfig.small(conv_channels=(8, 8, 8, 8), dense_units=(16,)),
         train=TrainConfig(optimizer="adam", learning_rate=0.003, batch_size=4, epochs=2, patience=5,
                           crop_frames=110, num_workers=0, seed=3),
     ).save(run.config)

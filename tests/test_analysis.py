@@ -21,7 +21,7 @@ from sonicrec.analysis import (
 )
 from sonicrec.catalog import Catalog, Track
 from sonicrec.cli import main
-from sonicrec.config import AudioConfig, Config, ModelConfig, TrainConfig
+from sonicrec.config import AudioConfig, CFConfig, Config, ModelConfig, TrainConfig
 from sonicrec.factors import Factors
 from sonicrec.features import FeatureStoreWriter
 from sonicrec.model import AudioCNN
@@ -47,15 +47,15 @@ def test_filter_mosaic_places_scaled_filters_between_gaps(tmp_path):
 
 
 def test_first_layer_filters_shape():
-    cfg = ModelConfig(n_mels=16, n_factors=3, conv_channels=(8, 6), pool_sizes=(2,), dense_units=(5,))
-    model = AudioCNN(cfg)
+    cfg = ModelConfig(conv_channels=(8, 6), pool_sizes=(2,), dense_units=(5,))
+    model = AudioCNN(cfg, n_mels=16, n_factors=3)
     assert first_layer_filters(model).shape == (8, 16, 4)
 
 
 def band_detector() -> AudioCNN:
     """Filter k sums band k over 4 frames; the input normalisation is x -> (x - 1) / 2."""
-    cfg = ModelConfig(n_mels=8, n_factors=2, conv_channels=(8, 4), pool_sizes=(2,), dense_units=(5,))
-    model = AudioCNN(cfg).eval()
+    cfg = ModelConfig(conv_channels=(8, 4), pool_sizes=(2,), dense_units=(5,))
+    model = AudioCNN(cfg, n_mels=8, n_factors=2).eval()
     with torch.no_grad():
         conv = model.conv[0]
         conv.weight.zero_()
@@ -94,9 +94,8 @@ def test_activation_playlists_rank_by_max_and_mean_with_peak_times():
 def test_filter_activations_are_what_the_second_layer_sees():
     """Input normalisation, convolution, batch norm and ReLU, as in the model's own forward."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_mels=12, n_factors=3, conv_channels=(6, 5), pool_sizes=(2,), dense_units=(4,),
-                      batch_norm=True)
-    model = AudioCNN(cfg)
+    cfg = ModelConfig(conv_channels=(6, 5), pool_sizes=(2,), dense_units=(4,), batch_norm=True)
+    model = AudioCNN(cfg, n_mels=12, n_factors=3)
     model.train()
     x = torch.randn(4, 12, 40) * 3 + 2
     with torch.no_grad():
@@ -149,9 +148,9 @@ def tiny_run(tmp_path_factory):
     run = RunDir(root)
     audio = AudioConfig(sample_rate=8000, excerpt_seconds=2.0, hop_length=100, n_frames=161, n_mels=16,
                         n_fft=256)
-    model = ModelConfig.small(n_mels=16, n_factors=4, conv_channels=(8, 8, 8, 8), dense_units=(16,))
+    model = ModelConfig.small(conv_channels=(8, 8, 8, 8), dense_units=(16,))
     train = TrainConfig(epochs=1, batch_size=8, num_workers=0, learning_rate=0.01)
-    cfg = Config(audio=audio, model=model, train=train)
+    cfg = Config(audio=audio, cf=CFConfig(factors=4), model=model, train=train)
     cfg.save(run.config)
     rng = np.random.default_rng(0)
     ids = [f"song{i:02d}" for i in range(40)]

@@ -11,7 +11,7 @@ from sonicrec.errors import ConfigError, DataError
 
 def _state() -> dict:
     config = Config()
-    n_mels = config.model.n_mels
+    n_mels = config.audio.n_mels
     weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     return {
         "config": config.to_dict(), "loss": "mse", "target": "unit", "model": weights,

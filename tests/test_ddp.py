@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sonicrec.checkpoint import load_checkpoint
-from sonicrec.config import AudioConfig, Config, ModelConfig, TrainConfig
+from sonicrec.config import AudioConfig, CFConfig, Config, ModelConfig, TrainConfig
 from sonicrec.errors import ConfigError
 from sonicrec.factors import Factors
 from sonicrec.features import FeatureStoreWriter
@@ -21,7 +21,8 @@ from sonicrec.train import CropSampler, distributed_rank, train_run
 AUDIO = AudioConfig(excerpt_seconds=2.0, n_frames=1 + 44100 // 1105)
 # DDP equals one process only without dropout and per-process BatchNorm statistics (module docstring
 # of sonicrec.train); random crops and the song order are shared through the sampler.
-MODEL = ModelConfig(n_factors=4, conv_channels=(8, 8), pool_sizes=(2,), dense_units=(16,), dropout=0.0)
+CF = CFConfig(factors=4)
+MODEL = ModelConfig(conv_channels=(8, 8), pool_sizes=(2,), dense_units=(16,), dropout=0.0)
 TRAIN = TrainConfig(batch_size=8, epochs=3, patience=10, learning_rate=0.05, crop_frames=32, num_workers=0,
                     device="cpu", seed=3)
 # Measured: max abs weight difference 3e-8, loss relative difference < 1e-6 (float32 sums in
@@ -39,16 +40,16 @@ def make_run(root, n_train: int = 20, n_valid: int = 5, seed: int = 0) -> RunDir
     run = RunDir(root)
     n = n_train + n_valid
     song_ids = np.array([f"s{i:02d}" for i in range(n)])
-    song_factors = rng.standard_normal((n, MODEL.n_factors)).astype(np.float32)
+    song_factors = rng.standard_normal((n, CF.factors)).astype(np.float32)
     with FeatureStoreWriter(run.features, AUDIO, shard_size=8) as writer:
         for song, f in zip(song_ids, song_factors, strict=True):
             x = rng.normal(-40, 3, (AUDIO.n_mels, AUDIO.n_frames))
-            x[: 4 * MODEL.n_factors] += 5 * np.repeat(f, 4)[:, None]
+            x[: 4 * CF.factors] += 5 * np.repeat(f, 4)[:, None]
             writer.add(str(song), x.astype(np.float16))
-    users = rng.standard_normal((6, MODEL.n_factors)).astype(np.float32)
+    users = rng.standard_normal((6, CF.factors)).astype(np.float32)
     split = np.array(["train"] * n_train + ["valid"] * n_valid)
     Factors(np.array([f"u{i}" for i in range(6)]), song_ids, users, song_factors, split).save(run.factors)
-    Config(audio=AUDIO, model=MODEL, train=TRAIN).save(run.config)
+    Config(audio=AUDIO, cf=CF, model=MODEL, train=TRAIN).save(run.config)
     return run
 
 

@@ -1,13 +1,15 @@
 """The demo end to end on a tiny world (same code paths as `sonicrec demo --quick`), and its bad input."""
 
 import json
+import sys
+import tomllib
 
 import pandas as pd
 import pytest
 
 from sonicrec.catalog import Catalog
 from sonicrec.cli import main
-from sonicrec.demo import DemoOptions, run_demo
+from sonicrec.demo import DemoConfig, DemoOptions, run_demo
 from sonicrec.errors import ConfigError
 from sonicrec.factors import Factors
 from sonicrec.rundir import RunDir
@@ -42,6 +44,32 @@ def test_demo_runs_every_stage(tiny_run):
     assert str(run.root.resolve()) in summary
     assert results  # the table the summary printed was written too
     assert (run.analysis / "index.html").is_file()
+
+
+def test_the_world_is_saved_beside_the_config(tiny_run):
+    run, _ = tiny_run
+    assert DemoConfig.load(run.demo_config) == DemoConfig(n_tracks=40, n_users=200, n_plays=6000, seed=3)
+    assert "demo" not in tomllib.loads(run.config.read_text())  # the core config holds no demo world
+
+
+def test_the_demo_config_round_trips_and_names_its_problems(tmp_path):
+    world = DemoConfig(n_tracks=50, n_users=40, n_plays=400, seed=7)
+    world.save(tmp_path / "demo.toml")
+    assert DemoConfig.load(tmp_path / "demo.toml") == world
+    for text, words in [("[demo]\nseed = -1\n", "seed"), ("[demo]\nn_trax = 3\n", "n_trax"),
+                        ("[cf]\nfactors = 3\n", "cf"), ("[demo\n", "TOML")]:
+        with pytest.raises(ConfigError, match=words):
+            DemoConfig.from_toml(text)
+    with pytest.raises(ConfigError, match="cannot read"):
+        DemoConfig.load(tmp_path / "absent.toml")
+
+
+def test_a_missing_demo_extra_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tinysoundfont", None)  # as if it were not installed
+    assert main(["-q", "demo", "--quick", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tinysoundfont" in err and "pip install 'sonicrec[demo]'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # it stopped before any work
 
 
 def test_an_existing_run_directory_is_reused(tiny_run):
@@ -86,14 +114,14 @@ def test_world_sizes(monkeypatch):
 
     from sonicrec.config import ModelConfig
     from sonicrec.demo import MEDIUM_MODEL
+    from sonicrec.demo.render import candidate_pieces
     from sonicrec.interactions import split_songs
     from sonicrec.model import AudioCNN
-    from sonicrec.render import candidate_pieces
 
-    assert DemoOptions.preset().config.demo.n_tracks == 1200  # the default world stays as it was
-    assert DemoOptions.preset(size="quick").config.demo.n_users == 1500
-    large = DemoOptions.preset(size="large", seed=5).config
-    demo = large.demo
+    assert DemoOptions.preset().world.n_tracks == 1200  # the default world stays as it was
+    assert DemoOptions.preset(size="quick").world.n_users == 1500
+    large_options = DemoOptions.preset(size="large", seed=5)
+    large, demo = large_options.config, large_options.world
     assert (demo.n_tracks, demo.n_users, demo.n_plays, demo.seed) == (10_000, 50_000, 2_500_000, 5)
     split = split_songs(demo.n_tracks, valid_fraction=large.cf.valid_fraction,
                         test_fraction=large.cf.test_fraction, seed=5)
@@ -101,7 +129,7 @@ def test_world_sizes(monkeypatch):
     assert len(candidate_pieces(5)) >= demo.n_tracks  # the corpus has enough pieces to render
 
     def parameters(cfg: ModelConfig) -> int:
-        return sum(p.numel() for p in AudioCNN(cfg).parameters())
+        return sum(p.numel() for p in AudioCNN(cfg, n_mels=128, n_factors=40).parameters())
 
     on_cpu = large.model if not torch.cuda.is_available() else MEDIUM_MODEL
     assert on_cpu == MEDIUM_MODEL and 2 * parameters(ModelConfig.small()) < parameters(on_cpu) < 2_000_000

@@ -239,7 +239,7 @@ def test_song_factors_alone_train_and_evaluate_what_they_can(ingested, tmp_path,
     assert "24 songs have features, 1 do not (e.g. not-ingested)" in out and "and 0 users, 6 factors" in out
     factors = Factors.load(run.factors)
     assert not factors.has_users and factors.songs("test").tolist() == ["song00", "song01", "song02"]
-    assert run.read_config().model.n_factors == 6
+    assert run.read_config().cf.factors == 6
 
     cfg = run.read_config()
     train_run(run, cfg, name="cnn-mse", show_progress=False)

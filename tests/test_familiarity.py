@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sonicrec.config import Config, ModelConfig
+from sonicrec.config import CFConfig, Config, ModelConfig
 from sonicrec.errors import DataError
 from sonicrec.factors import Factors
 from sonicrec.familiarity import UNFAMILIAR_MESSAGE, Familiarity, FamiliarityScores
@@ -55,7 +55,7 @@ def test_save_load_and_the_json_form(tmp_path):
 def test_the_model_output_is_the_linear_layer_of_its_embedding():
     torch.manual_seed(0)
     for architecture in ("blog", "paper"):
-        model = AudioCNN(ModelConfig.small(n_factors=4, architecture=architecture)).eval()
+        model = AudioCNN(ModelConfig.small(architecture=architecture), n_mels=128, n_factors=4).eval()
         x = torch.randn(2, 128, 300)
         with torch.no_grad():
             torch.testing.assert_close(model(x), model.output(model.embed(x)))
@@ -93,8 +93,8 @@ def test_recommender_reports_the_familiarity_of_audio_files(tmp_path):
 
 def test_predictor_assesses_log_mels_with_its_familiarity_model():
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig.small(n_factors=4))
-    predictor = Predictor(AudioCNN(cfg.model), cfg, target="unit", device=torch.device("cpu"))
+    cfg = Config(cf=CFConfig(factors=4), model=ModelConfig.small())
+    predictor = Predictor(AudioCNN.for_config(cfg), cfg, target="unit", device=torch.device("cpu"))
     x = np.random.default_rng(3).normal(-30, 5, (12, 128, 120)).astype(np.float32)
     factors, scores = predictor.assess_logmel(x)
     assert scores is None and factors.shape == (12, 4)

@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from sonicrec.config import ModelConfig
+from sonicrec.config import AudioConfig, CFConfig, Config, ModelConfig
 from sonicrec.errors import ConfigError, DataError
 from sonicrec.model import AudioCNN, GlobalTemporalPooling
 
-TINY = dict(conv_channels=(8, 8, 16, 16), dense_units=(16,), n_factors=5)
+TINY = dict(conv_channels=(8, 8, 16, 16), dense_units=(16,))
 
 
-def _model(seed: int = 0, **overrides) -> AudioCNN:
+def _model(seed: int = 0, *, n_factors: int = 40, **overrides) -> AudioCNN:
     torch.manual_seed(seed)
-    return AudioCNN(ModelConfig(**overrides)).eval()
+    return AudioCNN(ModelConfig(**overrides), n_mels=128, n_factors=n_factors).eval()
 
 
 @pytest.mark.parametrize("frames", [599, 1000, 103])
@@ -35,7 +35,7 @@ def test_blog_model_layer_sizes():
 
 def test_min_frames_is_the_shortest_input():
     cfg = ModelConfig(**TINY)
-    model = _model(**TINY)
+    model = _model(n_factors=5, **TINY)
     with torch.no_grad():
         assert model(torch.randn(1, 128, cfg.min_frames)).shape == (1, 5)
         with pytest.raises(DataError, match="at least 103"):
@@ -54,7 +54,7 @@ def test_global_pooling_on_a_hand_made_input():
 
 
 def test_paper_variant_averages_its_windows():
-    model = _model(architecture="paper", window_frames=120, window_hop=60, **TINY)
+    model = _model(architecture="paper", window_frames=120, window_hop=60, n_factors=5, **TINY)
     x = torch.randn(3, 128, 300)
     with torch.no_grad():
         whole = model(x)
@@ -63,7 +63,7 @@ def test_paper_variant_averages_its_windows():
 
 
 def test_input_norm_standardises_each_band():
-    model = _model(**TINY)
+    model = _model(n_factors=5, **TINY)
     x = torch.randn(2, 128, 150) * 3 + 7
     mean, std = torch.full((128,), 7.0), torch.linspace(1, 3, 128)
     with torch.no_grad():
@@ -74,11 +74,21 @@ def test_input_norm_standardises_each_band():
 
 def test_small_preset_is_smaller_and_overridable():
     small, full = ModelConfig.small(), ModelConfig()
-    n_params = [sum(p.numel() for p in AudioCNN(c).parameters()) for c in (small, full)]
+    n_params = [sum(p.numel() for p in AudioCNN(c, n_mels=128, n_factors=40).parameters())
+                for c in (small, full)]
     assert n_params[0] * 20 < n_params[1]
-    assert ModelConfig.small(n_factors=50).n_factors == 50
-    small_model = AudioCNN(ModelConfig.small(n_factors=7)).eval()
+    assert ModelConfig.small(dropout=0.1).dropout == 0.1
+    small_model = AudioCNN(ModelConfig.small(), n_mels=128, n_factors=7).eval()
     assert small_model(torch.randn(1, 128, 599)).shape == (1, 7)
+
+
+def test_the_network_takes_its_bands_and_output_size_from_the_audio_and_cf_sections():
+    audio = AudioConfig(sample_rate=8000, excerpt_seconds=2.0, hop_length=100, n_frames=161, n_mels=16)
+    model = AudioCNN.for_config(Config(audio=audio, cf=CFConfig(factors=6), model=ModelConfig.small()))
+    assert (model.n_mels, model.n_factors, model.output.out_features) == (16, 6, 6)
+    assert model.conv[0].in_channels == 16
+    with pytest.raises(ConfigError, match="n_factors=0"):
+        AudioCNN(ModelConfig.small(), n_mels=16, n_factors=0)
 
 
 def test_bad_model_configs_are_refused():

@@ -239,18 +239,19 @@ def test_audio_file_through_the_real_front_end_and_model(world, tmp_path):
     torch = pytest.importorskip("torch")
     sf = pytest.importorskip("soundfile")
     from sonicrec.audio import file_to_logmel
-    from sonicrec.config import AudioConfig, ModelConfig
+    from sonicrec.config import AudioConfig, CFConfig, ModelConfig
     from sonicrec.model import AudioCNN
     from sonicrec.predict import Predictor
 
     cfg = Config(
         audio=AudioConfig(sample_rate=8000, excerpt_seconds=2.0, n_mels=16, n_fft=256, hop_length=128,
                           n_frames=126),
-        model=ModelConfig(n_mels=16, n_factors=K, conv_channels=(4, 4), kernel_size=3, pool_sizes=(2,),
-                          dense_units=(8,), dropout=0.0),
+        cf=CFConfig(factors=K),
+        model=ModelConfig(conv_channels=(4, 4), kernel_size=3, pool_sizes=(2,), dense_units=(8,),
+                          dropout=0.0),
     )
     torch.manual_seed(0)
-    predictor = Predictor(AudioCNN(cfg.model), cfg, target="unit", device=torch.device("cpu"))
+    predictor = Predictor(AudioCNN.for_config(cfg), cfg, target="unit", device=torch.device("cpu"))
     t = np.arange(3 * 8000) / 8000
     audio = tmp_path / "t52.wav"
     sf.write(audio, 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t)), 8000)

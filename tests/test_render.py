@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sonicrec import render
+from sonicrec.demo import render
 from sonicrec.errors import DataError
 
 N_TRACKS = 6
@@ -123,7 +123,7 @@ def test_failed_pieces_are_skipped_and_replaced(tmp_path, monkeypatch, caplog):
     chorales = [p for p in render.corpus_pieces() if p.collection == "bach"][:2]
     broken = render.Piece("bach", "bach/no-such-chorale.mxl")
     monkeypatch.setattr(render, "candidate_pieces", lambda seed: [broken, *chorales])
-    with caplog.at_level(logging.WARNING, logger="sonicrec.render"):
+    with caplog.at_level(logging.WARNING, logger="sonicrec.demo.render"):
         tracks = _render(tmp_path, n=2)
     assert [t.track_id for t in tracks] == [p.track_id for p in chorales]
     assert broken.track_id in caplog.text

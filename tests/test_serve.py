@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from sonicrec.audio import file_to_logmel  # noqa: E402
 from sonicrec.catalog import Catalog, Track  # noqa: E402
-from sonicrec.config import AudioConfig, Config, ModelConfig  # noqa: E402
+from sonicrec.config import AudioConfig, CFConfig, Config, ModelConfig  # noqa: E402
 from sonicrec.factors import Factors, unit_rows  # noqa: E402
 from sonicrec.io import atomic_save_npz  # noqa: E402
 from sonicrec.model import AudioCNN  # noqa: E402
@@ -34,15 +34,15 @@ SPLIT = np.array(["train", "train", "train", "train", "valid", "test"] * 4)  # 1
 CONFIG = Config(
     audio=AudioConfig(sample_rate=SR, excerpt_seconds=2.0, n_mels=16, n_fft=256, hop_length=128,
                       n_frames=126),
-    model=ModelConfig(n_mels=16, n_factors=K, conv_channels=(4, 4), kernel_size=3, pool_sizes=(2,),
-                      dense_units=(8,), dropout=0.0),
+    cf=CFConfig(factors=K),
+    model=ModelConfig(conv_channels=(4, 4), kernel_size=3, pool_sizes=(2,), dense_units=(8,), dropout=0.0),
 )
 
 
 def tiny_predictor() -> Predictor:
     """An untrained tiny CNN (seeded): a real model, so uploads go through the real front end."""
     torch.manual_seed(0)
-    return Predictor(AudioCNN(CONFIG.model), CONFIG, target="unit", device=torch.device("cpu"))
+    return Predictor(AudioCNN.for_config(CONFIG), CONFIG, target="unit", device=torch.device("cpu"))
 
 
 def tone(i: int) -> np.ndarray:

@@ -9,9 +9,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from sonicrec.demo.listeners import (
+    ListenerParams,
+    SimulatedListening,
+    rank_frequency_slope,
+    simulate_listening,
+)
 from sonicrec.errors import ConfigError, DataError
 from sonicrec.rundir import RunDir
-from sonicrec.simulate import ListenerParams, SimulatedListening, rank_frequency_slope, simulate_listening
 
 N_USERS, N_PLAYS = 800, 40_000
 STYLES = {  # style -> (instrument families, voices range, tempo range)

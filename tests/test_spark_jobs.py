@@ -14,7 +14,7 @@ import torch
 
 from sonicrec.catalog import Catalog
 from sonicrec.cli import main
-from sonicrec.config import AudioConfig, Config, ModelConfig, TrainConfig
+from sonicrec.config import AudioConfig, CFConfig, Config, ModelConfig, TrainConfig
 from sonicrec.features import FeatureStore, discover_tracks, ingest_run, register_tracks
 from sonicrec.predict import Predictor, predict_run
 from sonicrec.rundir import RunDir
@@ -31,7 +31,8 @@ pytestmark = [
 pyspark = pytest.importorskip("pyspark")
 
 AUDIO = AudioConfig(excerpt_seconds=2.0, n_frames=1 + 44100 // 1105)  # 2-s excerpts: 128 x 40
-MODEL = ModelConfig(n_factors=4, conv_channels=(8, 8), pool_sizes=(2,), dense_units=(16,), dropout=0.0)
+CF = CFConfig(factors=4)
+MODEL = ModelConfig(conv_channels=(8, 8), pool_sizes=(2,), dense_units=(16,), dropout=0.0)
 N_GOOD = 10
 
 
@@ -63,7 +64,7 @@ def audio_dir(tmp_path_factory) -> Path:
 def new_run(root: Path, audio_dir: Path) -> RunDir:
     run = RunDir(root)
     run.root.mkdir(parents=True)
-    Config(audio=AUDIO, model=MODEL).save(run.config)
+    Config(audio=AUDIO, cf=CF, model=MODEL).save(run.config)
     with Catalog(run.catalog) as catalog:
         register_tracks(catalog, discover_tracks([audio_dir]))
     return run
@@ -96,8 +97,8 @@ def test_spark_ingest_and_predict_equal_the_local_path(spark, audio_dir, tmp_pat
 
     # a tiny trained model, copied into both runs
     torch.manual_seed(0)
-    targets = np.random.default_rng(1).standard_normal((N_GOOD, MODEL.n_factors))
-    cfg = Config(audio=AUDIO, model=MODEL, train=TrainConfig(batch_size=4, epochs=1, num_workers=0))
+    targets = np.random.default_rng(1).standard_normal((N_GOOD, CF.factors))
+    cfg = Config(audio=AUDIO, cf=CF, model=MODEL, train=TrainConfig(batch_size=4, epochs=1, num_workers=0))
     fit(a, a.track_ids, MSEObjective(targets), [], None, cfg, local.model / "cnn-mse", show_progress=False)
     shutil.copytree(local.model, distributed.model)
 
@@ -110,7 +111,7 @@ def test_spark_ingest_and_predict_equal_the_local_path(spark, audio_dir, tmp_pat
     factor_diff = np.abs(spark_npz["factors"][mine] - local_npz["factors"][theirs])
     assert factor_diff.max() < 1e-5
     table = pd.read_parquet(distributed.predictions / "cnn-mse.parquet")
-    assert list(table.columns) == ["track_id"] + [f"factor_{j}" for j in range(MODEL.n_factors)]
+    assert list(table.columns) == ["track_id"] + [f"factor_{j}" for j in range(CF.factors)]
     np.testing.assert_array_equal(table.set_index("track_id").loc[spark_npz["song_ids"]].to_numpy(),
                                   spark_npz["factors"])
 

@@ -58,9 +58,9 @@ def toy_world(n_songs: int = 48, seed: int = 0):
 
 
 def toy_config(**train) -> Config:
-    model = ModelConfig.small(n_factors=N_FACTORS, conv_channels=(16, 16, 16, 16), dense_units=(32,))
+    model = ModelConfig.small(conv_channels=(16, 16, 16, 16), dense_units=(32,))
     settings = dict(batch_size=8, epochs=4, patience=10, num_workers=0, learning_rate=0.02, crop_frames=128)
-    return Config(model=model, train=TrainConfig(**{**settings, **train}))
+    return Config(cf=CFConfig(factors=N_FACTORS), model=model, train=TrainConfig(**{**settings, **train}))
 
 
 def fit_toy(tmp_path, cfg: Config, store=None, targets=None, **kwargs):
@@ -244,7 +244,7 @@ def test_train_and_predict_a_run(tmp_path):
     np.testing.assert_allclose(from_files, written["factors"][[3, 7]], rtol=1e-5, atol=1e-6)
 
     with pytest.raises(ConfigError, match="n_factors"):
-        train_run(run, cfg.replace(model=dataclasses.replace(cfg.model, n_factors=7)), name="x")
+        train_run(run, cfg.replace(cf=dataclasses.replace(cfg.cf, factors=7)), name="x")
     with pytest.raises(ConfigError, match="model name"):
         train_run(run, cfg, name="../escape")
 

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sonicrec.errors import DataError, SonicrecError
+from sonicrec.evaluate import marked_simulated
 from sonicrec.factors import unit_rows
 from sonicrec.io import atomic_path, atomic_write_text
 from sonicrec.model import AudioCNN
@@ -548,7 +549,8 @@ def build_report(
     report = {
         "model": model, "run": str(run.root.resolve()), "tracks": tracks,
         "n_tracks": int(len(pool_track_ids)),
-        "n_map_tracks": int(len(map_ids)), "simulated_plays": run.users.exists(), "color_by": color_by,
+        "n_map_tracks": int(len(map_ids)), "simulated_plays": marked_simulated(run.plays),
+        "color_by": color_by,
         "seed": seed,
         "filters": {"image": "filters.png", "shape": list(weights.shape), "selected": chosen,
                     "selectivity": np.round(selectivity(fmax, top=length), 3).tolist()},

@@ -86,6 +86,8 @@ def resume_checkpoint(path: Path, cfg: Config, *, loss: str) -> dict[str, Any] |
     _check_keys(state, RESUME_KEYS, path)
     saved = checkpoint_config(state)
     differ = [f"model.{f}" for f, v in dataclasses.asdict(cfg.model).items() if getattr(saved.model, f) != v]
+    differ += [k for k, a, b in (("audio.n_mels", saved.audio.n_mels, cfg.audio.n_mels),
+                                 ("cf.factors", saved.cf.factors, cfg.cf.factors)) if a != b]
     differ += [
         f"train.{f}" for f, v in dataclasses.asdict(cfg.train).items()
         if f not in RESUMABLE_SETTINGS and getattr(saved.train, f) != v

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from sonicrec import __version__
-from sonicrec.config import TRAIN_LOSSES
-from sonicrec.errors import SonicrecError
+from sonicrec.config import TRAIN_LOSSES, check_seed
+from sonicrec.errors import ConfigError, SonicrecError
 
 log = logging.getLogger("sonicrec")
 
@@ -64,9 +64,10 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"seed {text!r} is not an integer") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"seed {text} must be in [0, 2**32)")
-    return value
+    try:
+        return check_seed(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # --- demo ---------------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def _add_factors(sub: argparse._SubParsersAction) -> None:
             "rows named by the id lists; or one id array and one matrix), Parquet (a file, or the "
             "folder Spark writes for ALS itemFactors/userFactors: id, features) or CSV (an id "
             "column and a list column or one column per dimension). Integer ids of a table are "
-            "positions in the id list when one is given. Sets model.n_factors in RUN/config.toml."
+            "positions in the id list when one is given. Sets cf.factors in RUN/config.toml."
         ),
     )
     q.add_argument("run_dir", type=Path, metavar="RUN", help="run directory (usually already ingested)")
@@ -757,9 +758,7 @@ def _run_train(args: argparse.Namespace) -> None:
         "rank_weight": args.rank_weight, "rank_users": args.rank_users,
     }
     train = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
-    model = cfg.model
-    if args.small:
-        model = ModelConfig.small(n_mels=model.n_mels, n_factors=model.n_factors)
+    model = ModelConfig.small() if args.small else cfg.model
     result = train_run(
         run, cfg.replace(train=train, model=model), name=args.name or default_model_name(train.loss),
         resume=args.resume, show_progress=args.progress, ddp=args.ddp,

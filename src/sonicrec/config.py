@@ -1,18 +1,22 @@
 """Configuration: one frozen dataclass per component, gathered in `Config`, read and written as TOML.
 
 Every field has a default, so a TOML file only names what it changes; an unknown section or key is
-an error (a silently ignored setting is worse than none).
+an error (a silently ignored setting is worse than none). Each setting has one home: the CNN's
+input bands are ``[audio] n_mels`` and its output size ``[cf] factors``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sonicrec.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -23,6 +27,12 @@ INPUT_NORMS = ("band", "none", "excerpt", "excerpt-band")  # sonicrec.model.Audi
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_seed(seed: int, *, name: str = "seed") -> int:
+    """``seed`` if it lies in [0, 2**32), the range numpy and torch take; else a ConfigError naming it."""
+    _check(0 <= seed < 2**32, f"{name}={seed}: must be in [0, 2**32)")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -88,11 +98,13 @@ class CFConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The CNN: 1-D convolutions over time, global temporal pooling, dense layers, linear output."""
+    """The CNN: 1-D convolutions over time, global temporal pooling, dense layers, linear output.
+
+    Its input bands and output size are not settings of their own: ``[audio] n_mels`` and
+    ``[cf] factors`` (sonicrec.model.AudioCNN.for_config).
+    """
 
     architecture: str = "blog"  # "blog" (whole excerpt) or "paper" (3-s windows, averaged)
-    n_mels: int = 128
-    n_factors: int = 40
     conv_channels: tuple[int, ...] = (256, 256, 512, 512)
     kernel_size: int = 4
     pool_sizes: tuple[int, ...] = (4, 2, 2)
@@ -110,7 +122,6 @@ class ModelConfig:
         _check(self.architecture in ("blog", "paper"), f"model.architecture={self.architecture!r}")
         _check(len(self.conv_channels) > 0, "model.conv_channels must not be empty")
         _check(0 <= self.dropout < 1, "model.dropout must be in [0, 1)")
-        _check(self.n_mels > 0 and self.n_factors > 0, "model.n_mels and n_factors must be > 0")
         _check(self.kernel_size > 0, "model.kernel_size must be > 0")
         _check(
             all(c > 0 for c in self.conv_channels + self.dense_units)
@@ -189,22 +200,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """The demo world: real scores rendered to audio, with simulated listeners."""
-
-    n_tracks: int = 1200
-    n_users: int = 5000
-    n_plays: int = 250_000  # play events (a user playing a track once)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self.n_tracks >= 10, f"demo.n_tracks={self.n_tracks}: need at least 10")
-        _check(self.n_users >= 10, f"demo.n_users={self.n_users}: need at least 10")
-        _check(self.n_plays >= self.n_users, "demo.n_plays must be at least demo.n_users")
-        _check(0 <= self.seed < 2**32, f"demo.seed={self.seed}: must be in [0, 2**32)")
-
-
-@dataclass(frozen=True)
 class IndexConfig:
     """Nearest-neighbour search over factors: HNSW (voyager) from ``exact_below`` vectors, exact below."""
 
@@ -218,7 +213,7 @@ class IndexConfig:
         _check(self.exact_below >= 0, "index.exact_below must be >= 0")
         _check(self.m >= 2, f"index.m={self.m}: must be >= 2")
         _check(self.ef_construction > 0 and self.ef > 0, "index.ef_construction and index.ef must be > 0")
-        _check(0 <= self.seed < 2**32, f"index.seed={self.seed}: must be in [0, 2**32)")
+        check_seed(self.seed, name="index.seed")
 
 
 @dataclass(frozen=True)
@@ -227,7 +222,6 @@ class Config:
     cf: CFConfig = field(default_factory=CFConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
 
     def replace(self, **sections: Any) -> Config:
@@ -235,10 +229,11 @@ class Config:
         return dataclasses.replace(self, **sections)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {f.name: _section_to_dict(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: section_to_dict(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        data = _moved_settings_upgraded(data)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
         _check(not unknown, f"unknown config section(s): {', '.join(unknown)}")
@@ -246,7 +241,7 @@ class Config:
         for name, value in data.items():
             _check(isinstance(value, dict), f"config section [{name}] must be a table")
             section_type = type(getattr(cls(), name))
-            sections[name] = _section_from_dict(section_type, value, name)
+            sections[name] = section_from_dict(section_type, value, name)
         return cls(**sections)
 
     def to_toml(self) -> str:
@@ -279,7 +274,42 @@ class Config:
             raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _section_to_dict(section: Any) -> dict[str, Any]:
+# Settings older sonicrec kept in [model]: the network's input bands and output size (key -> home).
+_MOVED_MODEL_KEYS = {"n_mels": ("audio", "n_mels"), "n_factors": ("cf", "factors")}
+
+
+def _moved_settings_upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the settings of an older sonicrec moved, so its config files and checkpoints load.
+
+    ``[demo]`` (the demo world, now RUN/demo.toml, sonicrec.demo) is left out with a warning: no stage
+    read it. ``[model] n_mels`` and ``n_factors`` move to their one home, ``[audio] n_mels`` and
+    ``[cf] factors``; where the two disagree the model's value wins (it is what the network was built
+    and trained with), with a warning.
+    """
+    data = dict(data)
+    if data.pop("demo", None) is not None:
+        log.warning("ignoring the [demo] section of an older sonicrec: the demo world is saved in "
+                    "RUN/demo.toml now")
+    model = data.get("model")
+    if not isinstance(model, dict) or not set(model) & set(_MOVED_MODEL_KEYS):
+        return data
+    model = data["model"] = dict(model)
+    for key, (section, name) in _MOVED_MODEL_KEYS.items():
+        if key not in model:
+            continue
+        value = model.pop(key)
+        home = data.get(section, {})
+        _check(isinstance(home, dict), f"config section [{section}] must be a table")
+        current = home.get(name, getattr(getattr(Config(), section), name))
+        if value != current:
+            log.warning("[model] %s = %r of an older sonicrec overrides [%s] %s = %r: the network's "
+                        "size is [%s] %s now", key, value, section, name, current, section, name)
+        data[section] = {**home, name: value}
+    return data
+
+
+def section_to_dict(section: Any) -> dict[str, Any]:
+    """One section (a config dataclass) as a TOML table."""
     # TOML has no null: unset optional values are left out and come back as their default None.
     out = {}
     for f in fields(section):
@@ -290,7 +320,8 @@ def _section_to_dict(section: Any) -> dict[str, Any]:
     return out
 
 
-def _section_from_dict(section_type: type[T], data: dict[str, Any], name: str) -> T:
+def section_from_dict(section_type: type[T], data: dict[str, Any], name: str) -> T:
+    """The section ``section_type`` of a TOML table ``[name]``; unknown keys and bad types are errors."""
     known = {f.name: f for f in fields(section_type)}
     unknown = sorted(set(data) - set(known))
     _check(not unknown, f"unknown key(s) in [{name}]: {', '.join(unknown)}")

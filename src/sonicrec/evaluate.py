@@ -646,8 +646,15 @@ def evaluate_run(
     return results
 
 
+#: Parquet key-value metadata of a plays file whose plays are SIMULATED (the demo world sets it).
+SIMULATED_MARK = {b"simulated": b"true"}
+
+
 def marked_simulated(path: Path) -> bool:
+    """Whether the plays file ``path`` is marked simulated (:data:`SIMULATED_MARK`); False if absent."""
     import pyarrow.parquet as pq
 
+    if not Path(path).is_file():
+        return False
     metadata = pq.read_schema(path).metadata or {}
-    return metadata.get(b"simulated") == b"true"
+    return all(metadata.get(key) == value for key, value in SIMULATED_MARK.items())

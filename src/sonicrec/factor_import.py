@@ -310,8 +310,8 @@ def import_factors_run(
     id_col : the id column of Parquet/CSV tables
     split_path : a ``track_id,split`` CSV; None draws the split (module docstring)
 
-    The run's config gets ``model.n_factors`` and ``cf.factors`` = the imported dimension, so
-    ``train`` builds a network of the right width. Songs are matched against RUN/features.
+    The run's config gets ``cf.factors`` = the imported dimension, so ``train`` builds a network of
+    the right width. Songs are matched against RUN/features.
     """
     from sonicrec.features import FeatureStore
 
@@ -346,10 +346,7 @@ def import_factors_run(
         n_features_without_factors=None if store_ids is None else len(store_ids - set(songs.ids.tolist())),
     )
     _log_matches(report, run)
-    cfg = cfg.replace(
-        cf=dataclasses.replace(cfg.cf, factors=songs.n_factors),
-        model=dataclasses.replace(cfg.model, n_factors=songs.n_factors),
-    )
+    cfg = cfg.replace(cf=dataclasses.replace(cfg.cf, factors=songs.n_factors))
     factors.save(run.factors)
     cfg.save(run.config)
     atomic_write_text(run.factors.with_name("import.json"), report.to_json())

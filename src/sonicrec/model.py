@@ -12,7 +12,8 @@ layers with dropout and a linear output of ``n_factors`` follow. Default sizes (
 ``architecture="paper"`` is the paper's variant: the same network applied to windows of
 ``window_frames`` frames (about 3 s) taken every ``window_hop`` frames, its outputs averaged.
 The input is standardised per mel band with statistics of the training set
-(:meth:`AudioCNN.set_input_norm`; the training checkpoint stores them).
+(:meth:`AudioCNN.set_input_norm`; the training checkpoint stores them). The input bands and the
+output size come from the run's ``[audio] n_mels`` and ``[cf] factors`` (:meth:`AudioCNN.for_config`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sonicrec.config import ModelConfig
+from sonicrec.config import Config, ModelConfig
 from sonicrec.errors import ConfigError, DataError
 
 
@@ -47,15 +48,17 @@ class GlobalTemporalPooling(nn.Module):
 class AudioCNN(nn.Module):
     """Log-mel spectrogram (B, n_mels, T) -> predicted factors (B, n_factors), raw outputs."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, n_mels: int, n_factors: int) -> None:
         super().__init__()
-        self.cfg = cfg
+        if n_mels <= 0 or n_factors <= 0:
+            raise ConfigError(f"n_mels={n_mels}, n_factors={n_factors}: both must be > 0")
+        self.cfg, self.n_mels, self.n_factors = cfg, n_mels, n_factors
         # Not in state_dict: the checkpoint stores the normalisation on its own ("input_norm").
-        self.register_buffer("band_mean", torch.zeros(cfg.n_mels), persistent=False)
-        self.register_buffer("band_std", torch.ones(cfg.n_mels), persistent=False)
+        self.register_buffer("band_mean", torch.zeros(n_mels), persistent=False)
+        self.register_buffer("band_std", torch.ones(n_mels), persistent=False)
 
         layers: list[nn.Module] = []
-        channels = cfg.n_mels
+        channels = n_mels
         for i, out_channels in enumerate(cfg.conv_channels):
             layers.append(nn.Conv1d(channels, out_channels, cfg.kernel_size, bias=not cfg.batch_norm))
             if cfg.batch_norm:
@@ -73,7 +76,12 @@ class AudioCNN(nn.Module):
             dense += [nn.Linear(width, units), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = units
         self.dense = nn.Sequential(*dense)
-        self.output = nn.Linear(width, cfg.n_factors)
+        self.output = nn.Linear(width, n_factors)
+
+    @classmethod
+    def for_config(cls, config: Config) -> AudioCNN:
+        """The network of a run's config: ``model`` on ``audio.n_mels`` bands, ``cf.factors`` outputs."""
+        return cls(config.model, n_mels=config.audio.n_mels, n_factors=config.cf.factors)
 
     def set_input_norm(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-band input statistics, each (n_mels,); inputs become (x - mean) / std."""
@@ -88,8 +96,8 @@ class AudioCNN(nn.Module):
         """Penultimate-layer activations (B, dense_units[-1]) of log-mels (B, n_mels, T); the output
         layer is linear, so ``forward(x) == output(embed(x))`` (the paper variant averages windows)."""
         n_mels, frames = x.shape[1], x.shape[2]
-        if n_mels != self.cfg.n_mels:
-            raise DataError(f"input has {n_mels} mel bands, the model expects {self.cfg.n_mels}")
+        if n_mels != self.n_mels:
+            raise DataError(f"input has {n_mels} mel bands, the model expects {self.n_mels}")
         if frames < self.cfg.min_frames:
             raise DataError(f"input has {frames} frames, the model needs at least {self.cfg.min_frames}")
         x = (self._excerpt_norm(x.float()) - self.band_mean[:, None]) / self.band_std[:, None]  # (B, M, T)

@@ -65,7 +65,7 @@ class Predictor:
         """The best-validation model of a training checkpoint (``RUN/model/NAME/checkpoint.pt``)."""
         state = load_checkpoint(path)
         config = checkpoint_config(state)
-        model = AudioCNN(config.model)
+        model = AudioCNN.for_config(config)
         model.load_state_dict(state["best_model"])
         model.set_input_norm(state["input_norm"]["mean"], state["input_norm"]["std"])
         fam_path = Path(path).parent / FAMILIARITY_FILE
@@ -76,7 +76,7 @@ class Predictor:
 
     @property
     def n_factors(self) -> int:
-        return self.config.model.n_factors
+        return self.model.n_factors
 
     def predict_logmel(self, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
         """Factors of log-mel spectrograms: (B, n_mels, T) -> (B, n_factors) float32, always finite."""

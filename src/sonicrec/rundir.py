@@ -3,10 +3,11 @@
 One place names the files, so stages agree without passing paths around::
 
     RUN/config.toml            the Config every stage read
+    RUN/demo.toml              the demo world's size and seed (sonicrec.demo.DemoConfig)
     RUN/catalog.sqlite         tracks, their metadata and ingest status
     RUN/audio/                 audio files (the demo world renders them here)
     RUN/plays.parquet          play counts: user_id, track_id, count
-    RUN/users.parquet          the demo world's simulated users (sonicrec.simulate)
+    RUN/users.parquet          the demo world's simulated users (sonicrec.demo.listeners)
     RUN/features/              log-mel feature store
     RUN/cf/factors.npz         WMF user and song factors + the song split
     RUN/model/NAME/            one CNN: checkpoint.pt, metrics.csv (and familiarity.npz)
@@ -77,6 +78,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / MARKER
+
+    @property
+    def demo_config(self) -> Path:
+        return self.root / "demo.toml"
 
     @property
     def catalog(self) -> Path:

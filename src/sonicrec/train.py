@@ -343,7 +343,7 @@ def fit(
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.train.seed)
-        model = AudioCNN(cfg.model)
+        model = AudioCNN.for_config(cfg)
         if state is None:
             mean, std = _input_norm(store, train_ids, cfg)
         else:
@@ -379,9 +379,9 @@ def _check_inputs(store, train_ids, train_objective, valid_ids, valid_objective,
         valid_objective is not None and len(valid_objective) != len(valid_ids)
     ):
         raise DataError("each song needs one row of targets: ids and objective rows differ in number")
-    if store.n_mels != cfg.model.n_mels:
+    if store.n_mels != cfg.audio.n_mels:
         raise ConfigError(
-            f"the feature store has {store.n_mels} mel bands but model.n_mels = {cfg.model.n_mels}"
+            f"the feature store has {store.n_mels} mel bands but audio.n_mels = {cfg.audio.n_mels}"
         )
     world = _world()[1]
     if cfg.train.batch_size % world:
@@ -406,7 +406,7 @@ def _crop_frames(store: LogMelStore, cfg: Config) -> int:
 
 def _input_norm(store: LogMelStore, train_ids: Sequence[str], cfg: Config) -> tuple[np.ndarray, ...]:
     if cfg.model.input_norm != "band":  # "none", or the excerpt's own statistics (AudioCNN)
-        return np.zeros(cfg.model.n_mels, np.float32), np.ones(cfg.model.n_mels, np.float32)
+        return np.zeros(cfg.audio.n_mels, np.float32), np.ones(cfg.audio.n_mels, np.float32)
     return band_statistics(store, train_ids)
 
 
@@ -678,10 +678,10 @@ def train_run(
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     out_dir = run.model_dir(name)
     factors = Factors.load(run.factors)
-    if factors.n_factors != cfg.model.n_factors:
+    if factors.n_factors != cfg.cf.factors:
         raise ConfigError(
-            f"{run.factors} holds {factors.n_factors} factors but model.n_factors = "
-            f"{cfg.model.n_factors}: set [model] n_factors = {factors.n_factors}"
+            f"{run.factors} has n_factors = {factors.n_factors} but [cf] factors = {cfg.cf.factors}, "
+            f"the network's output size: set [cf] factors = {factors.n_factors}"
         )
     store = FeatureStore(run.features)
     if store.audio_config != cfg.audio:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sonicrec.config import check_seed
 from sonicrec.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -165,10 +166,10 @@ class SimulatedListening:
         log.info("wrote SIMULATED plays to %s and simulated users to %s", run.plays, run.users)
 
     def _file_metadata(self) -> dict[bytes, bytes]:
-        return {
-            b"simulated": str(bool(self.simulated)).lower().encode(),
-            b"sonicrec.simulation": json.dumps(self.parameters, sort_keys=True).encode(),
-        }
+        from sonicrec.evaluate import SIMULATED_MARK
+
+        parameters = json.dumps(self.parameters, sort_keys=True).encode()
+        return {**SIMULATED_MARK, b"sonicrec.simulation": parameters}
 
 
 def simulate_listening(
@@ -203,18 +204,66 @@ def simulate_listening(
         "simulating %d SIMULATED listeners making %d play events on %d tracks (seed %d)",
         n_users, n_plays, n_tracks, seed,
     )
-
     # Tracks: latent Zipf-like popularity over a random ranking, independent of everything else.
     log_popularity = -params.popularity_exponent * np.log1p(rng.permutation(n_tracks))
+    listeners = _draw_listeners(n_users, n_plays, codes, values, params, rng)
+    rows, cols, counts, favourites = _draw_plays(listeners, log_popularity, codes, track_ids, params, rng)
 
-    # Users: activity, play events, attribute weights, value preferences, repeat behaviour.
+    user_ids = np.array([f"simuser-{i:0{len(str(n_users - 1))}d}" for i in range(n_users)], dtype=object)
+    plays = pd.DataFrame(
+        {"user_id": user_ids[rows], "track_id": track_ids[cols], "count": counts.astype(np.int64)}
+    )
+    users = pd.DataFrame(
+        {
+            "user_id": user_ids,
+            "activity": listeners.activity,
+            "n_plays": listeners.events.astype(np.int64),
+            "n_tracks": np.bincount(rows, minlength=n_users).astype(np.int64),
+            "repeat_fraction": listeners.repeat,
+            "n_favourites": listeners.n_favourites.astype(np.int64),
+            "favourite_tracks": favourites,
+        }
+    )
+    for a, attr in enumerate(ATTRIBUTES):
+        users[f"fav_{attr.name}"] = values[a][listeners.preferences[a].argmax(axis=1)]
+        users[f"weight_{attr.name}"] = listeners.weights[:, a]
+    for frame in (plays, users):
+        frame.attrs["simulated"] = True
+    parameters = {
+        "seed": seed, "n_users": n_users, "n_plays": n_plays, "n_tracks": n_tracks, **asdict(params)
+    }
+    result = SimulatedListening(plays=plays, users=users, parameters=parameters)
+    log.info("SIMULATED listening: %d (user, track) pairs; these are not real plays", len(plays))
+    return result
+
+
+@dataclass(frozen=True)
+class _Listeners:
+    """The simulated users' traits (U users, A attributes, K_a values of attribute a)."""
+
+    activity: np.ndarray  # (U,) lognormal activity
+    events: np.ndarray  # (U,) int play events, each >= 1, summing to n_plays
+    weights: np.ndarray  # (U, A) weight of each attribute in the user's taste
+    preferences: list[np.ndarray]  # per attribute (U, K_a): preference over its values
+    log_lift: list[np.ndarray]  # per attribute (U, K_a): log of preference over the base rate
+    repeat: np.ndarray  # (U,) share of non-exploration plays going to favourites
+    n_favourites: np.ndarray  # (U,) int favourite tracks, each <= max_favourites
+    max_favourites: int  # the most favourites a user has in this catalogue
+
+
+def _draw_listeners(
+    n_users: int, n_plays: int, codes: list[np.ndarray], values: list[np.ndarray],
+    params: ListenerParams, rng: np.random.Generator,
+) -> _Listeners:
+    """Activity, play events, attribute weights, value preferences and repeat behaviour of each user."""
+    n_tracks = len(codes[0])
     activity = rng.lognormal(0.0, params.activity_sigma, size=n_users)
     events = 1 + rng.multinomial(n_plays - n_users, activity / activity.sum())
     importance = np.array([a.importance for a in ATTRIBUTES])
     weights = params.taste_strength * rng.dirichlet(params.weight_concentration * importance, n_users)
     base_rates = [np.bincount(c, minlength=len(v)) / n_tracks for c, v in zip(codes, values, strict=True)]
     preferences = [rng.dirichlet(params.taste_concentration * q, n_users) for q in base_rates]
-    log_lift = [  # (U, K_a): log of preference over base rate, smoothed so no value is impossible
+    log_lift = [  # smoothed so that no value is impossible
         np.log((1 - params.smoothing) * p + params.smoothing * q) - np.log(q)
         for p, q in zip(preferences, base_rates, strict=True)
     ]
@@ -225,60 +274,45 @@ def simulate_listening(
     )
     max_fav = min(params.max_favourites, n_tracks)
     n_fav = np.minimum(1 + rng.poisson(params.favourites_mean - 1, size=n_users), max_fav)
+    return _Listeners(activity, events, weights, preferences, log_lift, repeat, n_fav, max_fav)
 
+
+def _draw_plays(
+    listeners: _Listeners, log_popularity: np.ndarray, codes: list[np.ndarray], track_ids: np.ndarray,
+    params: ListenerParams, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[str]]]:
+    """Every user's play events, drawn as one multinomial over taste, favourites and exploration.
+
+    Returns the user row, track column and count (P,) of each played pair, and each user's
+    favourite track ids; users are simulated ``_USER_CHUNK`` at a time.
+    """
+    n_users, n_tracks, max_fav = len(listeners.events), len(track_ids), listeners.max_favourites
     rows, cols, counts, favourites = [], [], [], []
     for start in range(0, n_users, _USER_CHUNK):
         chunk = slice(start, min(start + _USER_CHUNK, n_users))
         logits = log_popularity + sum(  # (B, T) taste affinity + log popularity
-            weights[chunk, a, None] * log_lift[a][chunk][:, codes[a]] for a in range(len(ATTRIBUTES))
+            listeners.weights[chunk, a, None] * listeners.log_lift[a][chunk][:, codes[a]]
+            for a in range(len(ATTRIBUTES))
         )
         taste = _softmax_rows(logits)
         # Favourites: n_fav tracks drawn without replacement from the taste (Gumbel top-k).
         top = np.argsort(-(logits + rng.gumbel(size=logits.shape)), axis=1)[:, :max_fav]
         ranks = np.arange(1, max_fav + 1)
-        fav_weight = np.where(ranks <= n_fav[chunk, None], 1.0 / ranks, 0.0)  # (B, max_fav)
+        n_fav = listeners.n_favourites[chunk]
+        fav_weight = np.where(ranks <= n_fav[:, None], 1.0 / ranks, 0.0)  # (B, max_fav)
         fav = np.zeros_like(taste)
         np.put_along_axis(fav, top, fav_weight / fav_weight.sum(axis=1, keepdims=True), axis=1)
-        r = repeat[chunk, None]
+        r = listeners.repeat[chunk, None]
         e = params.explore_fraction
         mixture = e / n_tracks + (1 - e) * ((1 - r) * taste + r * fav)
         mixture /= mixture.sum(axis=1, keepdims=True)
-        block = rng.multinomial(events[chunk], mixture)  # (B, T) play counts
+        block = rng.multinomial(listeners.events[chunk], mixture)  # (B, T) play counts
         u, t = np.nonzero(block)
         rows.append(u + start)
         cols.append(t)
         counts.append(block[u, t])
-        favourites.extend(
-            track_ids[top[i, : n_fav[start + i]]].tolist() for i in range(top.shape[0])
-        )
-
-    user_ids = np.array([f"simuser-{i:0{len(str(n_users - 1))}d}" for i in range(n_users)], dtype=object)
-    rows, cols, counts = np.concatenate(rows), np.concatenate(cols), np.concatenate(counts)
-    plays = pd.DataFrame(
-        {"user_id": user_ids[rows], "track_id": track_ids[cols], "count": counts.astype(np.int64)}
-    )
-    users = pd.DataFrame(
-        {
-            "user_id": user_ids,
-            "activity": activity,
-            "n_plays": events.astype(np.int64),
-            "n_tracks": np.bincount(rows, minlength=n_users).astype(np.int64),
-            "repeat_fraction": repeat,
-            "n_favourites": n_fav.astype(np.int64),
-            "favourite_tracks": favourites,
-        }
-    )
-    for a, attr in enumerate(ATTRIBUTES):
-        users[f"fav_{attr.name}"] = values[a][preferences[a].argmax(axis=1)]
-        users[f"weight_{attr.name}"] = weights[:, a]
-    for frame in (plays, users):
-        frame.attrs["simulated"] = True
-    parameters = {
-        "seed": seed, "n_users": n_users, "n_plays": n_plays, "n_tracks": n_tracks, **asdict(params)
-    }
-    result = SimulatedListening(plays=plays, users=users, parameters=parameters)
-    log.info("SIMULATED listening: %d (user, track) pairs; these are not real plays", len(plays))
-    return result
+        favourites.extend(track_ids[top[i, : n_fav[i]]].tolist() for i in range(top.shape[0]))
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(counts), favourites
 
 
 def rank_frequency_slope(frequencies: np.ndarray) -> float:
@@ -304,8 +338,7 @@ def _check_sizes(n_users: int, n_plays: int, seed: int) -> None:
             f"n_plays={n_plays} < n_users={n_users}: every simulated user plays at least once; "
             "raise n_plays or lower n_users"
         )
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"seed={seed}: must be in [0, 2**32)")
+    check_seed(seed)
 
 
 def _encode_tracks(tracks: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:

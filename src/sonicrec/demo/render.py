@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from sonicrec.catalog import Track
-from sonicrec.errors import DataError
+from sonicrec.errors import DataError, require
 from sonicrec.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -202,15 +202,35 @@ class Piece:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
 
 
+# --- the demo extra ------------------------------------------------------------------------------
+
+#: The packages of the ``demo`` extra: the corpus, the soundfont (and instrument names), the synthesiser.
+DEMO_PACKAGES = ("music21", "pretty_midi", "tinysoundfont")
+
+
+def _package_dir(module: str) -> Path:
+    """The folder of an installed package of the demo extra, found without importing it (music21
+    takes seconds); a missing one raises MissingExtraError ("pip install 'sonicrec[demo]'")."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        require(module, "demo")  # raises: the package cannot be imported
+    if spec is None or spec.origin is None:
+        raise DataError(f"{module} is installed without its files: pip install --force-reinstall {module}")
+    return Path(spec.origin).parent
+
+
+def require_demo_packages() -> None:
+    """Fail in one line, before any work, when a package of the ``demo`` extra is missing."""
+    for module in DEMO_PACKAGES:
+        _package_dir(module)
+
+
 # --- selection -----------------------------------------------------------------------------------
 
 
 def corpus_root() -> Path:
     """The music21 corpus folder (found without importing music21)."""
-    spec = importlib.util.find_spec("music21")
-    if spec is None or spec.origin is None:
-        raise DataError("music21 is not installed: pip install music21")
-    return Path(spec.origin).parent / "corpus"
+    return _package_dir("music21") / "corpus"
 
 
 @cache
@@ -443,27 +463,75 @@ def _instrumentation(style: str, n_parts: int, rng: np.random.Generator) -> tupl
 
 def _perform(piece: Piece, seed: int) -> _Performance:
     """Parse a piece and lay out its first ``EXCERPT_SECONDS`` (looped if shorter) as note events."""
-    from music21 import meter, tempo
+    from music21 import meter
 
     rng = np.random.default_rng(seed)
     score = _parse(piece)
+    part_notes = _parts_highest_first(score, piece)
+    signature = score.recurse().getElementsByClass(meter.TimeSignature).first()
+    bpm = _tempo(score, signature, piece.style, rng)
+    family, programs = _instrumentation(piece.style, len(part_notes), rng)
+    onset, offset, channel, pitch, velocity = _note_events(part_notes, bpm, piece, rng)
+    meta = {
+        "composer": _composer(score, piece),
+        "collection": piece.collection,
+        "style": piece.style,
+        "meter": signature.ratioString if signature is not None else "free",
+        "tempo": round(bpm, 2),
+        "instruments": list(dict.fromkeys(_program_name(p) for p in programs)),
+        "instrument_family": family,
+        "n_voices": len(part_notes),
+        "pitch_mean": round(float(pitch.mean()), 3),
+        "source": piece.source,
+        "seed": seed,
+    }
+    all_notes = np.array([n[1:3] for notes in part_notes for n in notes])  # (N, 2) duration, pitch
+    meta["key"], meta["mode"] = _key_and_mode(score, all_notes[:, 1].astype(int) % 12, all_notes[:, 0])
+    return _Performance(
+        onsets=onset,
+        offsets=offset,
+        channels=channel,
+        pitches=pitch,
+        velocities=velocity,
+        programs=programs,
+        family=family,
+        title=_title(score, piece),
+        meta={k: meta[k] for k in META_KEYS},
+    )
+
+
+def _parts_highest_first(score, piece: Piece) -> list[list[tuple[float, float, int, bool]]]:
+    """The notes of each part that has notes (:func:`_part_notes`), highest part (mean pitch) first."""
     parts = list(score.parts) if score.parts else [score]
     part_notes = [n for n in (_part_notes(p) for p in parts) if n]
     if not part_notes:
         raise DataError(f"{piece.source}: the score has no notes")
-    part_notes.sort(key=lambda ns: -np.mean([n[2] for n in ns]))  # highest part first
-    style = piece.style
+    part_notes.sort(key=lambda ns: -np.mean([n[2] for n in ns]))
+    return part_notes
 
-    signature = score.recurse().getElementsByClass(meter.TimeSignature).first()
+
+def _tempo(score, signature, style: str, rng: np.random.Generator) -> float:
+    """Quarter notes per minute: the score's stated metronome mark, else the style's beat tempo
+    (:data:`STYLE_BEAT_BPM`, jittered by +-10 %), clipped to [30, 260]."""
+    from music21 import tempo
+
     beat_ql = float(signature.beatDuration.quarterLength) if signature is not None else 1.0
     mark = next(
         (m for m in score.recurse().getElementsByClass(tempo.MetronomeMark) if _stated(m)), None
     )
-    jitter = rng.uniform(0.9, 1.1)
+    jitter = rng.uniform(0.9, 1.1)  # drawn even with a mark: the seeded stream stays the same
     bpm = mark.getQuarterBPM() if mark is not None else STYLE_BEAT_BPM[style] * beat_ql * jitter
-    bpm = float(np.clip(bpm, 30.0, 260.0))
-    family, programs = _instrumentation(style, len(part_notes), rng)
+    return float(np.clip(bpm, 30.0, 260.0))
 
+
+def _note_events(
+    part_notes: list[list[tuple[float, float, int, bool]]], bpm: float, piece: Piece, rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
+    """The excerpt's notes, the score looped to fill it, slightly humanised.
+
+    Returns onsets and offsets (N,) float64 seconds, and channels (the part), MIDI pitches and
+    velocities (N,) int; downbeats and the highest part are played louder.
+    """
     seconds_per_ql = 60.0 / bpm
     length_ql = max(max(n[0] + n[1] for n in notes) for notes in part_notes)
     period = length_ql * seconds_per_ql
@@ -481,32 +549,7 @@ def _perform(piece: Piece, seed: int) -> _Performance:
     onset = np.maximum(onset + rng.normal(0.0, 0.005, onset.shape).clip(-0.015, 0.015), 0.0)
     base = np.where(channel == 0, 92, 80)
     velocity = (base + 12 * downbeat + rng.normal(0.0, 4.0, onset.shape)).clip(30, 127).astype(int)
-    meta = {
-        "composer": _composer(score, piece),
-        "collection": piece.collection,
-        "style": style,
-        "meter": signature.ratioString if signature is not None else "free",
-        "tempo": round(bpm, 2),
-        "instruments": list(dict.fromkeys(_program_name(p) for p in programs)),
-        "instrument_family": family,
-        "n_voices": len(part_notes),
-        "pitch_mean": round(float(pitch.mean()), 3),
-        "source": piece.source,
-        "seed": seed,
-    }
-    all_notes = np.array([n[1:3] for notes in part_notes for n in notes])  # (N, 2) duration, pitch
-    meta["key"], meta["mode"] = _key_and_mode(score, all_notes[:, 1].astype(int) % 12, all_notes[:, 0])
-    return _Performance(
-        onsets=onset,
-        offsets=onset + 0.95 * duration,
-        channels=channel.astype(int),
-        pitches=pitch.astype(int),
-        velocities=velocity,
-        programs=programs,
-        family=family,
-        title=_title(score, piece),
-        meta={k: meta[k] for k in META_KEYS},
-    )
+    return onset, onset + 0.95 * duration, channel.astype(int), pitch.astype(int), velocity
 
 
 def _stated(mark) -> bool:
@@ -527,10 +570,7 @@ def _program_name(program: int) -> str:
 @cache
 def _soundfont() -> bytes:
     """The General MIDI soundfont shipped with pretty_midi."""
-    spec = importlib.util.find_spec("pretty_midi")
-    if spec is None or spec.origin is None:
-        raise DataError("pretty_midi (which ships the soundfont) is not installed: pip install pretty_midi")
-    return (Path(spec.origin).parent / "TimGM6mb.sf2").read_bytes()
+    return (_package_dir("pretty_midi") / "TimGM6mb.sf2").read_bytes()
 
 
 def _synthesize(perf: _Performance, rng: np.random.Generator) -> np.ndarray:
@@ -732,20 +772,46 @@ def render_world(
     """
     from tqdm.auto import tqdm
 
+    require_demo_packages()
     if n_tracks < 1:
         raise DataError(f"n_tracks={n_tracks}: ask for at least one track")
     audio_dir = Path(audio_dir)
     audio_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tqdm(total=n_tracks, desc="render", unit="track", disable=not show_progress) as bar:
+        tracks, rendered, failed = _first_that_render(
+            n_tracks, seed=seed, audio_dir=audio_dir, cache_dir=cache_dir, workers=workers, bar=bar
+        )
+    if len(tracks) < n_tracks:
+        raise DataError(
+            f"the music21 corpus has only {len(tracks)} pieces that render ({len(failed)} failed, "
+            f"see the log); ask for n_tracks <= {len(tracks)}"
+        )
+    elapsed = time.perf_counter() - start
+    log.info(
+        "%d tracks in %s (%d rendered, %d from cache, %d skipped) in %.1f s",
+        n_tracks, audio_dir, rendered, n_tracks - rendered, len(failed), elapsed,
+    )
+    return [tracks[i] for i in sorted(tracks)]
+
+
+def _first_that_render(
+    n_tracks: int, *, seed: int, audio_dir: Path, cache_dir: Path, workers: int, bar
+) -> tuple[dict[int, Track], int, list[str]]:
+    """The first ``n_tracks`` candidate pieces that render, placed in ``audio_dir``.
+
+    Cached pieces are placed at once; the others are rendered by workers (started at the first
+    cache miss), a failed piece replaced by the next candidate. Returns the tracks keyed by their
+    position among the candidates, the number rendered (not cached), and the sources that failed.
+    """
     candidates = iter(enumerate(candidate_pieces(seed)))
     tracks: dict[int, Track] = {}
     failed: list[str] = []
     rendered = 0
-    start = time.perf_counter()
     executor: cf.Executor | None = None
     pending: dict[cf.Future, tuple[int, _Job]] = {}
-    bar = tqdm(total=n_tracks, desc="render", unit="track", disable=not show_progress)
     try:
         while True:
             while len(tracks) + len(pending) < n_tracks:
@@ -762,7 +828,7 @@ def render_world(
                     executor = _executor(workers)
                 pending[executor.submit(_render_job, job)] = (order, job)
             if not pending:
-                break
+                return tracks, rendered, failed
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for future in done:
                 order, job = pending.pop(future)
@@ -775,20 +841,8 @@ def render_world(
                 rendered += 1
                 bar.update()
     finally:
-        bar.close()
         if executor is not None:
             executor.shutdown(cancel_futures=True)
-    if len(tracks) < n_tracks:
-        raise DataError(
-            f"the music21 corpus has only {len(tracks)} pieces that render ({len(failed)} failed, "
-            f"see the log); ask for n_tracks <= {len(tracks)}"
-        )
-    elapsed = time.perf_counter() - start
-    log.info(
-        "%d tracks in %s (%d rendered, %d from cache, %d skipped) in %.1f s",
-        n_tracks, audio_dir, rendered, n_tracks - rendered, len(failed), elapsed,
-    )
-    return [tracks[i] for i in sorted(tracks)]
 
 
 def _executor(workers: int) -> cf.Executor:
@@ -799,7 +853,7 @@ def _executor(workers: int) -> cf.Executor:
 
 
 __all__ = [
-    "COLLECTIONS", "FAMILIES", "META_KEYS", "Piece", "RENDER_VERSION", "SAMPLE_RATE",
+    "COLLECTIONS", "DEMO_PACKAGES", "FAMILIES", "META_KEYS", "Piece", "RENDER_VERSION", "SAMPLE_RATE",
     "STYLE_INSTRUMENTS", "candidate_pieces", "corpus_pieces", "default_cache_dir", "piece_seed",
-    "render_world",
+    "render_world", "require_demo_packages",
 ]

@@ -14,47 +14,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sonicrec.config import Config, DemoConfig, ModelConfig, TrainConfig
-from sonicrec.errors import ConfigError
+from sonicrec.config import Config
+from sonicrec.demo.world import DemoConfig, world_preset
 from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-# A CNN small enough to train on a 2-core CPU in minutes; the blog-size model is ModelConfig().
-DEMO_MODEL = ModelConfig.small()
-# The large world's CNN on a CPU: twice as wide (~0.6M parameters); on a GPU it is the blog model.
-MEDIUM_MODEL = ModelConfig.small(conv_channels=(64, 128, 128, 128), dense_units=(512, 512))
-# On the demo world Adam beat Nesterov SGD (lr 0.05): validation MSE 0.0173 vs 0.0204 (docs/results.md).
-_ADAM = {"optimizer": "adam", "learning_rate": 0.001}
-SIZES = ("quick", "default", "large")
-
-
-def _world(size: str, seed: int) -> tuple[DemoConfig, TrainConfig, ModelConfig]:
-    """The world, training and model of each size.
-
-    quick: 300 tracks, 1,500 simulated users (same code paths, under a minute cached).
-    default: 1,200 tracks, 5,000 simulated users, 250,000 plays (~7 min, ~2 min cached).
-    large: 10,000 tracks, 50,000 simulated users, 2.5M plays; 10% test songs = 1,000 (rendering
-    ~45 CPU-minutes the first time; the CNN is MEDIUM_MODEL on a CPU, the blog model on a GPU).
-    """
-    if size == "quick":
-        return (DemoConfig(n_tracks=300, n_users=1500, n_plays=60_000, seed=seed),
-                TrainConfig(epochs=20, patience=4, batch_size=16, **_ADAM, seed=seed), DEMO_MODEL)
-    if size == "default":
-        return (DemoConfig(seed=seed),
-                TrainConfig(epochs=60, patience=5, batch_size=32, **_ADAM, seed=seed), DEMO_MODEL)
-    if size == "large":
-        import torch
-
-        model = ModelConfig() if torch.cuda.is_available() else MEDIUM_MODEL
-        return (DemoConfig(n_tracks=10_000, n_users=50_000, n_plays=2_500_000, seed=seed),
-                TrainConfig(epochs=40, patience=5, batch_size=64, **_ADAM, seed=seed), model)
-    raise ConfigError(f"demo size {size!r}: one of {', '.join(SIZES)}")
-
 
 @dataclass(frozen=True)
 class DemoOptions:
+    """What the demo builds: the ``world`` (RUN/demo.toml) and the pipeline's ``config`` (RUN/config.toml)."""
+
     config: Config
+    world: DemoConfig
     cache_dir: Path | None = None
     workers: int = 2
     show_progress: bool = True
@@ -72,22 +44,17 @@ class DemoOptions:
         cache_dir: Path | None = None,
         show_progress: bool = True,
     ) -> DemoOptions:
-        """The world of one of :data:`SIZES` (see :func:`_world`), its counts overridable."""
-        demo, train, model = _world(size, seed)
-        demo = dataclasses.replace(
-            demo,
-            n_tracks=n_tracks or demo.n_tracks,
-            n_users=n_users or demo.n_users,
-            n_plays=n_plays or max(demo.n_plays, n_users or 0),
+        """The world of one of :data:`SIZES` (see :func:`world_preset`), its counts overridable."""
+        world, train, model = world_preset(size, seed)
+        world = dataclasses.replace(
+            world,
+            n_tracks=n_tracks or world.n_tracks,
+            n_users=n_users or world.n_users,
+            n_plays=n_plays or max(world.n_plays, n_users or 0),
         )
         base = Config()
-        config = base.replace(
-            demo=demo,
-            model=model,
-            train=train,
-            cf=dataclasses.replace(base.cf, seed=seed),
-        )
-        return cls(config=config, cache_dir=cache_dir, show_progress=show_progress)
+        config = base.replace(model=model, train=train, cf=dataclasses.replace(base.cf, seed=seed))
+        return cls(config=config, world=world, cache_dir=cache_dir, show_progress=show_progress)
 
 
 class _Stages:
@@ -106,17 +73,23 @@ class _Stages:
 
 
 def run_demo(out: Path, options: DemoOptions) -> str:
-    """Build the demo world in ``out`` and run every stage; return a printable summary."""
+    """Build the demo world in ``out`` and run every stage; return a printable summary.
+
+    Raises MissingExtraError ("pip install 'sonicrec[demo]'") before any work when the extra is missing.
+    """
     from sonicrec.catalog import Catalog
+    from sonicrec.demo.render import require_demo_packages
     from sonicrec.train import default_model_name
 
+    require_demo_packages()
     run = RunDir.prepare(out)
-    cfg = options.config
+    cfg, world = options.config, options.world
     cfg.save(run.config)
+    world.save(run.demo_config)
     stages = _Stages()
 
     tracks = stages.run(
-        "render audio", _render, run, cfg.demo, options.cache_dir, options.workers, options.show_progress
+        "render audio", _render, run, world, options.cache_dir, options.workers, options.show_progress
     )
     with Catalog(run.catalog) as catalog:
         known = set(catalog.ids())
@@ -125,7 +98,7 @@ def run_demo(out: Path, options: DemoOptions) -> str:
     with Catalog(run.catalog) as catalog:
         frame = catalog.to_frame()
     usable = frame[frame.status == "ok"]
-    listening = stages.run("simulate listeners (SIMULATED)", _simulate, usable, cfg.demo)
+    listening = stages.run("simulate listeners (SIMULATED)", _simulate, usable, world)
     listening.save(run.root)
     stages.run("factorize plays (WMF)", _factorize, run, cfg, options.show_progress)
     for loss in options.cnn_losses:
@@ -133,19 +106,19 @@ def run_demo(out: Path, options: DemoOptions) -> str:
         loss_cfg = cfg.replace(train=dataclasses.replace(cfg.train, loss=loss))
         stages.run(f"train {name}", _train, run, loss_cfg, name, options.show_progress)
         stages.run(f"predict {name}", _predict, run, name, options.show_progress)
-    stages.run("baselines (MFCC bag-of-words)", _baselines, run, cfg.demo.seed, options.show_progress)
+    stages.run("baselines (MFCC bag-of-words)", _baselines, run, world.seed, options.show_progress)
     stages.run("evaluate (cold start)", _evaluate, run, options.show_progress)
-    stages.run("analysis report", _analyse, run, cfg.demo.seed, options.show_progress)
+    stages.run("analysis report", _analyse, run, world.seed, options.show_progress)
     return _summary(run, stages)
 
 
-def _render(run, demo_cfg, cache_dir, workers, show_progress):
-    from sonicrec.render import render_world
+def _render(run, world, cache_dir, workers, show_progress):
+    from sonicrec.demo.render import render_world
 
     return render_world(
         run.audio,
-        n_tracks=demo_cfg.n_tracks,
-        seed=demo_cfg.seed,
+        n_tracks=world.n_tracks,
+        seed=world.seed,
         cache_dir=cache_dir,
         workers=workers,
         show_progress=show_progress,
@@ -158,12 +131,10 @@ def _ingest(run, cfg, options):
     return ingest_run(run, cfg.audio, workers=options.workers, show_progress=options.show_progress)
 
 
-def _simulate(tracks, demo_cfg):
-    from sonicrec.simulate import simulate_listening
+def _simulate(tracks, world):
+    from sonicrec.demo.listeners import simulate_listening
 
-    return simulate_listening(
-        tracks, n_users=demo_cfg.n_users, n_plays=demo_cfg.n_plays, seed=demo_cfg.seed
-    )
+    return simulate_listening(tracks, n_users=world.n_users, n_plays=world.n_plays, seed=world.seed)
 
 
 def _factorize(run, cfg, show_progress):
