@@ -272,6 +272,8 @@ def logmel(waveforms: np.ndarray, cfg: AudioConfig | None = None) -> np.ndarray:
         mel = filters @ np.ascontiguousarray(power.T)  # (n_mels, frames)
         np.log10(np.maximum(mel, cfg.log_floor), out=out[i])
     out *= 10.0
+    # float32 log10 may round the floor itself a few ulp below 10 log10(floor): the floor is the minimum
+    np.maximum(out, np.float32(10.0 * np.log10(cfg.log_floor)), out=out)
     return out
 
 
