@@ -12,12 +12,11 @@ from sonicrec.analysis import (
     activation_playlists,
     build_report,
     concentration,
+    excerpt_offsets,
     filter_activations,
-    filter_mosaic,
     first_layer_filters,
     latent_map,
     peak_seconds,
-    plot_filters,
 )
 from sonicrec.catalog import Catalog, Track
 from sonicrec.cli import main
@@ -25,6 +24,8 @@ from sonicrec.config import AudioConfig, CFConfig, Config, ModelConfig, TrainCon
 from sonicrec.factors import Factors
 from sonicrec.features import FeatureStoreWriter
 from sonicrec.model import AudioCNN
+from sonicrec.plotting import filter_mosaic, plot_filters
+from sonicrec.report_page import render_report_page
 from sonicrec.rundir import RunDir
 from sonicrec.train import train_run
 
@@ -136,6 +137,20 @@ def test_concentration_of_a_one_label_playlist():
     assert mixed["value"] == "c" and mixed["p_random"] > 0.3
 
 
+def test_excerpt_offsets_read_what_ingest_recorded():
+    """The recorded offset (the most active window of a mostly silent track) wins over the planned
+    centred start, which only tracks ingested without a recorded offset fall back to."""
+    cfg = AudioConfig(excerpt_seconds=30.0)
+    catalog = pd.DataFrame(
+        {"duration": [100.0, 100.0, np.nan, None], "excerpt_offset": [5.0, np.nan, 12.5, None]},
+        index=["recorded", "planned", "recorded-no-duration", "unknown"],
+    )
+    offsets = excerpt_offsets(catalog, ["planned", "recorded", "unknown", "recorded-no-duration"], cfg)
+    np.testing.assert_array_equal(offsets, [35.0, 5.0, 0.0, 12.5])
+    no_column = excerpt_offsets(catalog[["duration"]], ["recorded"], cfg)
+    np.testing.assert_array_equal(no_column, [35.0])
+
+
 # --- build_report on a tiny run -----------------------------------------------------------------
 
 STYLES = ("fiddle tune", "baroque chorale")
@@ -204,6 +219,10 @@ def test_build_report_writes_page_images_json_and_audio_links(tiny_run):
     summaries = report["non_randomness"]
     assert summaries["filter_max"]["tests"] == 3 * 2 and summaries["units"]["tests"] == 2 * 2
     assert summaries["filter_max"]["strongest"]["kind"] == "filter-max"
+
+    with Catalog(tiny_run.catalog) as catalog:
+        frame = catalog.to_frame().set_index("track_id")
+    assert render_report_page(report, frame, out=out) == text  # the page is made of report.json
 
 
 def test_analyse_command_reports_bad_options(tiny_run, capsys):

@@ -5,7 +5,9 @@ selective filter, the tracks whose excerpt activates it most (by the maximum ove
 time of the peak, and by the mean over time); the tracks that most activate units of the last
 hidden layer; a t-SNE map of the predicted factors; similar-song playlists. :func:`build_report`
 writes them as a self-contained folder (``index.html`` + PNGs + ``report.json``) whose playlists
-play in the browser (``<audio>`` elements linking to the catalog's audio files).
+play in the browser (``<audio>`` elements linking to the catalog's audio files). This module
+computes; the figures are drawn by :mod:`sonicrec.plotting` and the page by
+:mod:`sonicrec.report_page`.
 
 "Activation" is the output of the first convolution block as the next layer sees it: the model's
 input normalisation, the convolution, batch normalisation when the model has it, and the ReLU --
@@ -21,16 +23,14 @@ hypergeometric p-value and one against random playlists of the same length.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -38,11 +38,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sonicrec.audio import track_excerpt_start
+from sonicrec.config import AudioConfig
 from sonicrec.errors import DataError, SonicrecError
 from sonicrec.evaluate import marked_simulated
 from sonicrec.factors import unit_rows
-from sonicrec.io import atomic_path, atomic_write_text
+from sonicrec.io import atomic_write_text
 from sonicrec.model import AudioCNN
+from sonicrec.plotting import plot_filters, plot_latent_map
+from sonicrec.report_page import render_report_page
 from sonicrec.rundir import RunDir, check_model_name
 
 log = logging.getLogger(__name__)
@@ -50,7 +54,6 @@ log = logging.getLogger(__name__)
 COLOR_FIELDS = ("style", "collection", "composer", "instrument_family")
 CONCENTRATION_FIELDS = ("instrument_family", "style")
 TRACK_SETS = ("test", "valid", "train", "all")
-_MAX_COLOURS = 20  # map legend: the most common labels, the rest as "other"
 
 
 # --- the first layer ----------------------------------------------------------------------------
@@ -60,67 +63,6 @@ def first_layer_filters(model: AudioCNN) -> np.ndarray:
     """Weights of the first convolution, float32 (n_filters, n_mels, kernel_size); band 0 lowest."""
     return model.conv[0].weight.detach().float().cpu().numpy()
 
-
-def filter_mosaic(filters: np.ndarray, *, columns: int | None = None, gap: int = 1) -> np.ndarray:
-    """Filters side by side, each scaled to [-1, 1] by its largest |weight|, NaN between them.
-
-    Parameters
-    ----------
-    filters : (F, n_mels, K)
-    columns : filters per row (default: all in one row up to 32)
-    gap : NaN columns/rows between neighbouring filters
-
-    Returns
-    -------
-    (rows * n_mels + (rows - 1) * gap, columns * K + (columns - 1) * gap) float32, highest band on
-    top (row 0), filter i at row ``i // columns``, column ``i % columns``.
-    """
-    n, n_mels, kernel = filters.shape
-    columns = min(n, 32) if columns is None else columns
-    rows = -(-n // columns)
-    out = np.full((rows * (n_mels + gap) - gap, columns * (kernel + gap) - gap), np.nan, np.float32)
-    scale = np.abs(filters).reshape(n, -1).max(axis=1)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        w = filters[i] / scale[i] if scale[i] > 0 else filters[i]
-        top, left = r * (n_mels + gap), c * (kernel + gap)
-        out[top : top + n_mels, left : left + kernel] = w[::-1]
-    return out
-
-
-def plot_filters(filters: np.ndarray, path: str | Path, *, columns: int | None = None) -> Path:
-    """Save :func:`filter_mosaic` as a PNG: diverging colours, zero white, grey between filters.
-
-    Filters are numbered when they fit in one row; a single filter is drawn without axes.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, n_mels, kernel = filters.shape
-    columns = min(n, 32) if columns is None else columns
-    rows = -(-n // columns)
-    mosaic = filter_mosaic(filters, columns=columns)
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.55")
-    width = 0.32 * columns + 0.6 if n > 1 else 0.5
-    fig, ax = plt.subplots(figsize=(width, 2.2 * rows + (0.5 if n > 1 else 0)))
-    ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if n > 1:  # a single filter (a playlist's) is drawn bare
-        if rows == 1:
-            ax.set_xticks(np.arange(n) * (kernel + 1) + (kernel - 1) / 2)
-            ax.set_xticklabels([str(i) for i in range(n)], fontsize=6)
-        ax.set_yticks([0, n_mels - 1])
-        ax.set_yticklabels(["high", "low"], fontsize=7)
-        ax.tick_params(length=0)
-    fig.tight_layout(pad=0.2)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -348,6 +290,24 @@ def concentration(
     }
 
 
+
+
+def non_randomness(playlists: Sequence[Playlist], *, alpha: float = 0.05) -> dict[str, Any]:
+    """Summary of the playlists' metadata concentration: the strongest one, and those significant
+    after a Bonferroni correction over every (playlist, field) tested, by ``p_random``."""
+    tests = [(p, f, s) for p in playlists for f, s in p.concentration.items()]
+    if not tests:
+        return {"tests": 0, "significant": [], "strongest": None}
+    n = len(tests)
+
+    def row(p: Playlist, f: str, s: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": p.kind, "key": p.key, "field": f, **s, "p_bonferroni": min(1.0, s["p_random"] * n)}
+
+    significant = [row(p, f, s) for p, f, s in tests if s["p_random"] * n < alpha]
+    p, f, s = min(tests, key=lambda t: (t[2]["p_random"], t[2]["p_hypergeom"], -t[2]["lift"]))
+    return {"tests": n, "alpha": alpha, "significant": significant, "strongest": row(p, f, s)}
+
+
 # --- the latent-space map -----------------------------------------------------------------------
 
 
@@ -372,49 +332,39 @@ def latent_map(factors: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) 
     return np.asarray(embedding, dtype=np.float32)
 
 
-def _colour_labels(labels: pd.Series) -> tuple[pd.Series, dict[str, str]]:
-    """Labels with all but the most common ``_MAX_COLOURS - 1`` as "other", and a colour for each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
-
-    labels = labels.fillna("unknown").astype(str)
-    common = labels.value_counts().index.tolist()
-    if len(common) > _MAX_COLOURS:
-        keep = set(common[: _MAX_COLOURS - 1])
-        labels = labels.where(labels.isin(keep), "other")
-        common = [*common[: _MAX_COLOURS - 1], "other"]
-    palette = colormaps["tab20" if len(common) > 10 else "tab10"]
-    return labels, {value: to_hex(palette(i)) for i, value in enumerate(common)}
-
-
-def plot_latent_map(xy: np.ndarray, labels: pd.Series, path: str | Path, *, title: str) -> Path:
-    """Save a t-SNE scatter (n, 2) coloured by ``labels`` (n,) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, colours = _colour_labels(labels.reset_index(drop=True))
-    fig, ax = plt.subplots(figsize=(8, 6.5))
-    for value, colour in colours.items():
-        mask = (labels == value).to_numpy()
-        ax.scatter(xy[mask, 0], xy[mask, 1], s=12, c=colour, label=f"{value} ({mask.sum()})", linewidths=0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
-
 
 # --- the report ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ReportInputs:
+    """What a report is drawn from, checked: the model, the catalog and the tracks."""
+
+    net: AudioCNN
+    audio: AudioConfig
+    catalog: pd.DataFrame  # indexed by track id, a column per meta field too
+    store: Any  # FeatureStore
+    pool_ids: list[str]  # the tracks the playlists are drawn from
+    map_ids: list[str]  # the tracks on the map, the pool's first
+
+
+@dataclass(frozen=True)
+class _PoolActivations:
+    """Activations of the N tracks the playlists are drawn from.
+
+    Attributes
+    ----------
+    track_ids : (N,) str
+    filter_max, filter_mean : (N, F) first-layer maximum and mean over time
+    units : (N, U) last hidden layer
+    peaks : (N, F) seconds into each track of each filter's maximum
+    """
+
+    track_ids: np.ndarray
+    filter_max: np.ndarray
+    filter_mean: np.ndarray
+    units: np.ndarray
+    peaks: np.ndarray
 
 
 def build_report(
@@ -453,19 +403,73 @@ def build_report(
         seeded sample of the others)
     seed : seed of the map, the query tracks and the random playlists of the p-values
     """
+    started = time.perf_counter()
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    inputs = _report_inputs(run, model, tracks=tracks, filters=filters, length=length, color_by=color_by,
+                            max_map_tracks=max_map_tracks, seed=seed)
+    out = Path(out) if out is not None else run.analysis
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "activations"):
+        acts = track_activations(inputs.net, inputs.store, inputs.map_ids, batch_size=batch_size,
+                                 show_progress=show_progress)
+    pool = _pool_activations(acts, inputs)
+    weights = first_layer_filters(inputs.net)
+    with _timed(seconds, "filter images"):
+        chosen = _selected_filters(pool.filter_max, n=n_filters, extra=filters, top=length)
+        _filter_images(weights, chosen, out)
+    playlists = _activation_playlists(pool, chosen, n_units=n_units, length=length)
+    with _timed(seconds, "similar songs"):
+        playlists["similar"] = _similar_playlists(
+            run, model, acts, pool.track_ids, inputs.catalog[color_by], n_queries=n_queries, length=length,
+            seed=seed,
+        )
+    with _timed(seconds, "concentration"):
+        _add_concentration(playlists, inputs.catalog, pool.track_ids, seed=seed)
+    with _timed(seconds, "t-SNE map"):
+        xy = latent_map(acts.factors, seed=seed)
+        map_labels = inputs.catalog[color_by].reindex(acts.track_ids)
+        plot_latent_map(xy, map_labels, out / "latent-map.png",
+                        title=f"t-SNE of factors predicted by {model}, coloured by {color_by}")
+    report = {
+        "model": model, "run": str(run.root.resolve()), "tracks": tracks,
+        "n_tracks": int(len(pool.track_ids)),
+        "n_map_tracks": int(len(inputs.map_ids)), "simulated_plays": marked_simulated(run.plays),
+        "color_by": color_by,
+        "seed": seed,
+        "filters": {"image": "filters.png", "shape": list(weights.shape), "selected": chosen,
+                    "selectivity": np.round(selectivity(pool.filter_max, top=length), 3).tolist()},
+        "playlists": {k: [_playlist_json(p) for p in v] for k, v in playlists.items()},
+        "non_randomness": {kind: non_randomness(lists) for kind, lists in playlists.items()},
+        "map": _map_json(acts.track_ids, xy, map_labels),
+    }
+    seconds["total"] = time.perf_counter() - started
+    report["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    return _write_report(report, inputs.catalog, out)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+    """Record the wall-clock seconds of the block as ``seconds[step]``."""
+    tick = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - tick
+
+
+def _report_inputs(
+    run: RunDir, model: str, *, tracks: str, filters: Sequence[int], length: int, color_by: str,
+    max_map_tracks: int, seed: int,
+) -> _ReportInputs:
+    """Load the model, the catalog and the feature store of a report, with errors saying what is wrong."""
     from sonicrec.catalog import Catalog
     from sonicrec.features import FeatureStore
     from sonicrec.predict import Predictor
 
-    started = time.perf_counter()
-    run = run if isinstance(run, RunDir) else RunDir(Path(run))
     check_model_name(model)
     if tracks not in TRACK_SETS:
         raise DataError(f"tracks={tracks!r}: choose one of {', '.join(TRACK_SETS)}")
-    out = Path(out) if out is not None else run.analysis
     predictor = Predictor.load(run.checkpoint(model))
-    net, audio_cfg = predictor.model, predictor.config.audio
-    n_filters_total = net.conv[0].out_channels
+    n_filters_total = predictor.model.conv[0].out_channels
     bad = [f for f in filters if not 0 <= f < n_filters_total]
     if bad:
         raise DataError(f"filter(s) {bad} do not exist: model {model!r} has filters 0..{n_filters_total - 1}")
@@ -484,126 +488,93 @@ def build_report(
             "choose --tracks all or a shorter --length"
         )
     map_ids = _map_tracks(store.track_ids, pool_ids, max_map_tracks, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
+    return _ReportInputs(predictor.model, predictor.config.audio, frame, store, pool_ids, map_ids)
 
-    tick = time.perf_counter()
-    acts = track_activations(net, store, map_ids, batch_size=batch_size, show_progress=show_progress)
-    seconds["activations"] = time.perf_counter() - tick
-    pool = np.isin(acts.track_ids, pool_ids)
-    pool_track_ids = acts.track_ids[pool]
-    fmax, fmean, units = acts.filters.max[pool], acts.filters.mean[pool], acts.units[pool]
-    durations = frame["duration"].reindex(pool_track_ids).to_numpy(np.float64)
-    from sonicrec.audio import excerpt_start
 
-    offsets = np.array([excerpt_start(d, audio_cfg) if np.isfinite(d) else 0.0 for d in durations])
+def excerpt_offsets(catalog: pd.DataFrame, track_ids: Sequence[str], cfg: AudioConfig) -> np.ndarray:
+    """Where each track's excerpt starts in the track, seconds (N,), as ingest recorded it.
+
+    ``catalog`` is indexed by track id, with ``duration`` and (from the tracks' meta)
+    ``excerpt_offset``; :func:`sonicrec.audio.track_excerpt_start` decides; 0 where neither is known.
+    """
+    rows = catalog.reindex(list(track_ids))
+    durations = pd.to_numeric(rows["duration"], errors="coerce").to_numpy(np.float64)
+    recorded = (pd.to_numeric(rows["excerpt_offset"], errors="coerce").to_numpy(np.float64)
+                if "excerpt_offset" in rows.columns else np.full(len(rows), np.nan))
+    starts = [track_excerpt_start(d, cfg, recorded=r) for d, r in zip(durations, recorded, strict=True)]
+    return np.array([0.0 if s is None else s for s in starts], dtype=np.float64)
+
+
+def _pool_activations(acts: TrackActivations, inputs: _ReportInputs) -> _PoolActivations:
+    """The rows of the tracks the playlists are drawn from, with the time of each filter's peak."""
+    pool = np.isin(acts.track_ids, inputs.pool_ids)
+    track_ids = acts.track_ids[pool]
+    offsets = excerpt_offsets(inputs.catalog, track_ids, inputs.audio)  # (N,)
     peaks = peak_seconds(
-        acts.filters.argmax[pool], kernel_size=net.cfg.kernel_size, hop_length=audio_cfg.hop_length,
-        sample_rate=audio_cfg.sample_rate, offset=offsets[:, None],
+        acts.filters.argmax[pool], kernel_size=inputs.net.cfg.kernel_size, hop_length=inputs.audio.hop_length,
+        sample_rate=inputs.audio.sample_rate, offset=offsets[:, None],
+    )
+    return _PoolActivations(
+        track_ids, acts.filters.max[pool], acts.filters.mean[pool], acts.units[pool], peaks
     )
 
-    tick = time.perf_counter()
-    weights = first_layer_filters(net)
+
+def _selected_filters(filter_max: np.ndarray, *, n: int, extra: Sequence[int], top: int) -> list[int]:
+    """The ``n`` filters most selective by maximum activation (N, F) over ``top`` tracks, then ``extra``."""
+    chosen = [int(c) for c in np.argsort(-selectivity(filter_max, top=top), kind="stable")[:n]]
+    return chosen + [int(f) for f in extra if f not in chosen]
+
+
+def _filter_images(weights: np.ndarray, chosen: Sequence[int], out: Path) -> None:
+    """filters.png of every filter (F, n_mels, K) and filter-NNN.png of each chosen one; a previous
+    report's images of other filters are removed."""
     plot_filters(weights, out / "filters.png")
-    for stale in out.glob("filter-[0-9][0-9][0-9].png"):  # a previous report's selection
+    for stale in out.glob("filter-[0-9][0-9][0-9].png"):
         stale.unlink()
-    chosen = [int(c) for c in np.argsort(-selectivity(fmax, top=length), kind="stable")[:n_filters]]
-    chosen += [int(f) for f in filters if f not in chosen]
     for c in chosen:
         plot_filters(weights[c : c + 1], out / f"filter-{c:03d}.png")
-    seconds["filter images"] = time.perf_counter() - tick
 
-    best_units = np.argsort(-selectivity(units, top=length), kind="stable")[:n_units]
-    playlists = {
+
+def _activation_playlists(
+    pool: _PoolActivations, chosen: Sequence[int], *, n_units: int, length: int
+) -> dict[str, list[Playlist]]:
+    """Playlists of the chosen filters by max and by mean activation, and of the most selective units."""
+    best_units = np.argsort(-selectivity(pool.units, top=length), kind="stable")[:n_units]
+    return {
         "filter_max": activation_playlists(
-            fmax, pool_track_ids, chosen, n=length, kind="filter-max", peaks=peaks
+            pool.filter_max, pool.track_ids, chosen, n=length, kind="filter-max", peaks=pool.peaks
         ),
-        "filter_mean": activation_playlists(fmean, pool_track_ids, chosen, n=length, kind="filter-mean"),
-        "units": activation_playlists(units, pool_track_ids, best_units, n=length, kind="unit"),
+        "filter_mean": activation_playlists(
+            pool.filter_mean, pool.track_ids, chosen, n=length, kind="filter-mean"
+        ),
+        "units": activation_playlists(pool.units, pool.track_ids, best_units, n=length, kind="unit"),
     }
-    tick = time.perf_counter()
-    playlists["similar"] = _similar_playlists(
-        run, model, acts, pool_track_ids, frame[color_by], n_queries=n_queries, length=length, seed=seed
-    )
-    seconds["similar songs"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
-    fields = [f for f in CONCENTRATION_FIELDS if f in frame.columns]
+
+def _add_concentration(
+    playlists: dict[str, list[Playlist]], catalog: pd.DataFrame, pool_ids: np.ndarray, *, seed: int
+) -> None:
+    """Fill each playlist's ``concentration`` for every catalog field of ``CONCENTRATION_FIELDS``:
+    activation playlists against the pool, similar songs (less the query) against the catalog."""
+    fields = [f for f in CONCENTRATION_FIELDS if f in catalog.columns]
     for kind, lists in playlists.items():
-        population = frame.index if kind == "similar" else pool_track_ids
+        population = catalog.index if kind == "similar" else pool_ids
         for i, p in enumerate(lists):
-            tracks_ = p.track_ids[1:] if kind == "similar" else p.track_ids
+            tracks = p.track_ids[1:] if kind == "similar" else p.track_ids
             for f in fields:
-                stats = concentration(tracks_, frame[f].reindex(population), seed=seed + i)
+                stats = concentration(tracks, catalog[f].reindex(population), seed=seed + i)
                 if stats is not None:
                     p.concentration[f] = stats
-    seconds["concentration"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
-    xy = latent_map(acts.factors, seed=seed)
-    map_labels = frame[color_by].reindex(acts.track_ids)
-    plot_latent_map(xy, map_labels, out / "latent-map.png",
-                    title=f"t-SNE of factors predicted by {model}, coloured by {color_by}")
-    seconds["t-SNE map"] = time.perf_counter() - tick
 
-    report = {
-        "model": model, "run": str(run.root.resolve()), "tracks": tracks,
-        "n_tracks": int(len(pool_track_ids)),
-        "n_map_tracks": int(len(map_ids)), "simulated_plays": marked_simulated(run.plays),
-        "color_by": color_by,
-        "seed": seed,
-        "filters": {"image": "filters.png", "shape": list(weights.shape), "selected": chosen,
-                    "selectivity": np.round(selectivity(fmax, top=length), 3).tolist()},
-        "playlists": {k: [_playlist_json(p) for p in v] for k, v in playlists.items()},
-        "non_randomness": {kind: non_randomness(lists) for kind, lists in playlists.items()},
-        "map": {"image": "latent-map.png", "points": [
-            {"track_id": t, "x": round(float(a), 3), "y": round(float(b), 3), "label": _label(lab)}
-            for t, (a, b), lab in zip(acts.track_ids.tolist(), xy, map_labels.tolist(), strict=True)
-        ]},
-    }
-    seconds["total"] = time.perf_counter() - started
-    report["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+def _write_report(report: dict[str, Any], catalog: pd.DataFrame, out: Path) -> Path:
+    """Write ``report.json`` and the page made of it, ``index.html``; returns the page's path."""
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     page = out / "index.html"
-    atomic_write_text(page, _html(report, playlists, frame, out, xy, map_labels))
-    log.info("analysis report of %s written to %s in %.1f s", model, page, seconds["total"])
+    atomic_write_text(page, render_report_page(report, catalog, out=out))
+    log.info("analysis report of %s written to %s in %.1f s",
+             report["model"], page, report["seconds"]["total"])
     return page
-
-
-def non_randomness(playlists: Sequence[Playlist], *, alpha: float = 0.05) -> dict[str, Any]:
-    """Summary of the playlists' metadata concentration: the strongest one, and those significant
-    after a Bonferroni correction over every (playlist, field) tested, by ``p_random``."""
-    tests = [(p, f, s) for p in playlists for f, s in p.concentration.items()]
-    if not tests:
-        return {"tests": 0, "significant": [], "strongest": None}
-    n = len(tests)
-
-    def row(p: Playlist, f: str, s: dict[str, Any]) -> dict[str, Any]:
-        return {"kind": p.kind, "key": p.key, "field": f, **s, "p_bonferroni": min(1.0, s["p_random"] * n)}
-
-    significant = [row(p, f, s) for p, f, s in tests if s["p_random"] * n < alpha]
-    p, f, s = min(tests, key=lambda t: (t[2]["p_random"], t[2]["p_hypergeom"], -t[2]["lift"]))
-    return {"tests": n, "alpha": alpha, "significant": significant, "strongest": row(p, f, s)}
-
-
-_KIND_NAMES = {"filter-max": "filter {}, max activation", "filter-mean": "filter {}, mean activation",
-               "unit": "unit {}", "similar": "songs like {}"}
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    """One sentence on a :func:`non_randomness` summary: the strongest playlist and the count of
-    significant ones."""
-    best = summary["strongest"]
-    if best is None:
-        return "no catalog metadata (instrument_family, style) to compare the playlists with"
-    return (
-        f"strongest: {_KIND_NAMES[best['kind']].format(best['key'])}: {best['field']} {best['value']!r} "
-        f"{best['count']}/{best['n']} vs {100 * best['catalog_rate']:.0f}% of the tracks it was drawn from "
-        f"(lift {best['lift']:.1f}, hypergeometric p {best['p_hypergeom']:.2g}, p against random playlists "
-        f"{best['p_random']:.2g}, Bonferroni over {summary['tests']} tests {best['p_bonferroni']:.2g}); "
-        f"{len(summary['significant'])}/{summary['tests']} (playlist, field) pairs significant at 5% "
-        "after the correction"
-    )
 
 
 def _track_set(run: RunDir, store: Any, tracks: str) -> list[str]:
@@ -667,7 +638,8 @@ def _label(value: Any) -> str:
 
 
 def _playlist_json(p: Playlist) -> dict[str, Any]:
-    entries = [{"track_id": t, "score": round(s, 4)} for t, s in zip(p.track_ids, p.scores, strict=True)]
+    entries = [{"track_id": t, "score": float(f"{s:.6g}")}  # 6 digits: the page shows 3
+               for t, s in zip(p.track_ids, p.scores, strict=True)]
     for e, peak in zip(entries, p.peaks or [], strict=False):
         e["peak_seconds"] = peak
     out = {"kind": p.kind, "key": p.key, "entries": entries, "concentration": p.concentration}
@@ -676,159 +648,9 @@ def _playlist_json(p: Playlist) -> dict[str, Any]:
     return out
 
 
-# --- HTML ---------------------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{margin-top:1.8em;border-bottom:1px solid #ccc}h3{font-size:1em;margin:.2em 0}
-.note{color:#555;font-size:.9em}.lists{display:flex;flex-wrap:wrap;gap:1em}
-.list{border:1px solid #ddd;border-radius:6px;padding:.6em;width:560px;display:flex;gap:.6em}
-.list img.filter{height:150px;width:auto;image-rendering:pixelated}
-.list table{font-size:.8em;border-collapse:collapse}
-.list td{padding:1px 4px;vertical-align:middle}audio{height:26px;width:180px}
-.conc{font-size:.8em;color:#333;margin:.2em 0}.sig{color:#b00;font-weight:bold}
-#map-wrap{display:flex;gap:1em;align-items:flex-start}#map-svg{border:1px solid #ccc;background:#fff}
-#map-svg circle{cursor:pointer}#map-svg circle:hover{stroke:#000;stroke-width:2}
-#map-info{font-size:.9em;min-height:3em}.legend span{display:inline-block;margin:0 .6em .2em 0;font-size:.8em}
-.sw{display:inline-block;width:.8em;height:.8em;border-radius:50%;margin-right:.2em;vertical-align:middle}
-"""
-
-_MAP_JS = """
-const info = document.getElementById('map-info'), player = document.getElementById('map-player');
-document.querySelectorAll('#map-svg circle').forEach(c => {
-  const t = MAP_TRACKS[+c.dataset.i];
-  c.addEventListener('mouseenter', () => {
-    info.textContent = t.title + ' \u2014 ' + t.label + ' (' + t.id + ')';
-  });
-  c.addEventListener('click', () => {
-    if (!t.src) { info.textContent = t.title + ': no audio file'; return; }
-    player.src = t.src; player.play(); info.textContent = '\u25b6 ' + t.title + ' \u2014 ' + t.label;
-  });
-});
-"""
-
-
-def _audio_src(path: Any, out: Path, at: float | None = None) -> str | None:
-    if not isinstance(path, str) or not path:
-        return None
-    rel = os.path.relpath(Path(path).resolve(), out.resolve())
-    return quote(Path(rel).as_posix()) + (f"#t={at:.1f}" if at is not None else "")
-
-
-def _describe(track_id: str, frame: pd.DataFrame) -> str:
-    if track_id not in frame.index:
-        return html.escape(track_id)
-    row = frame.loc[track_id]
-    title = html.escape(str(row.get("title") or track_id))
-    extra = [str(row[c]) for c in ("artist", "style", "instrument_family") if isinstance(row.get(c), str)]
-    return f"<b>{title}</b> <span class='note'>{html.escape(' · '.join(extra))}</span>"
-
-
-def _concentration_html(p: Playlist, tests: int) -> str:
-    parts = []
-    for f, s in p.concentration.items():
-        sig = s["p_random"] * tests < 0.05
-        parts.append(
-            f"<span class='{'sig' if sig else ''}'>{html.escape(f)}: {html.escape(s['value'])} "
-            f"{s['count']}/{s['n']} vs {100 * s['catalog_rate']:.0f}% (lift {s['lift']:.1f}, "
-            f"p<sub>hyp</sub>={s['p_hypergeom']:.1g}, p<sub>rand</sub>={s['p_random']:.1g})</span>"
-        )
-    return f"<div class='conc'>{'<br>'.join(parts)}</div>"
-
-
-def _playlist_html(p: Playlist, frame: pd.DataFrame, out: Path, *, tests: int) -> str:
-    if p.kind == "similar":
-        heading = f"Songs like {_describe(str(p.key), frame)}"
-    else:
-        name = "unit" if p.kind == "unit" else "filter"
-        how = {"filter-max": "max activation", "filter-mean": "mean activation", "unit": "activation"}[p.kind]
-        heading = f"{name} {p.key} <span class='note'>({how}; selectivity {p.selectivity:.1f})</span>"
-    image = (f"<img class='filter' src='filter-{int(p.key):03d}.png' alt='filter {p.key}'>"
-             if p.kind.startswith("filter") else "")
-    rows = []
-    for i, (t, score) in enumerate(zip(p.track_ids, p.scores, strict=True)):
-        at = p.peaks[i] if p.peaks else None
-        src = _audio_src(frame["path"].get(t) if t in frame.index else None, out, at)
-        player = f"<audio controls preload='none' src='{html.escape(src)}'></audio>" if src else "no audio"
-        when = f"peak {at:.1f} s" if at is not None else ""
-        shown = f"{score:.3f}" if p.kind == "similar" else f"{score:.3g}"  # cosines near 1
-        rows.append(f"<tr><td>{i + 1}</td><td>{_describe(t, frame)}</td><td>{shown}</td>"
-                    f"<td>{when}</td><td>{player}</td></tr>")
-    return (f"<div class='list'>{image}<div><h3>{heading}</h3>{_concentration_html(p, tests)}"
-            f"<table>{''.join(rows)}</table></div></div>")
-
-
-def _map_html(xy: np.ndarray, labels: pd.Series, ids: list[str], frame: pd.DataFrame, out: Path) -> str:
-    width, height, pad = 900, 650, 12
-    lo, hi = xy.min(axis=0), xy.max(axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    px = pad + (xy[:, 0] - lo[0]) / span[0] * (width - 2 * pad)
-    py = pad + (hi[1] - xy[:, 1]) / span[1] * (height - 2 * pad)
-    shown, colours = _colour_labels(labels.reset_index(drop=True))
-    tracks, circles = [], []
-    for i, t in enumerate(ids):
-        title = str(frame["title"].get(t) or t) if t in frame.index else t
-        path = frame["path"].get(t) if t in frame.index else None
-        label = _label(labels.iloc[i])
-        tracks.append({"id": t, "title": title, "label": label, "src": _audio_src(path, out)})
-        circles.append(
-            f"<circle cx='{px[i]:.1f}' cy='{py[i]:.1f}' r='4' fill='{colours[shown.iloc[i]]}' data-i='{i}'>"
-            f"<title>{html.escape(title)} — {html.escape(label)}</title></circle>"
-        )
-    legend = "".join(f"<span><i class='sw' style='background:{c}'></i>{html.escape(v)}</span>"
-                     for v, c in colours.items())
-    data = json.dumps(tracks).replace("</", "<\\/")
-    return (
-        f"<div class='legend'>{legend}</div><div id='map-wrap'>"
-        f"<svg id='map-svg' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
-        f"{''.join(circles)}</svg>"
-        "<div><div id='map-info' class='note'>Hover over a point to see the track; click to play it.</div>"
-        "<audio id='map-player' controls preload='none'></audio></div></div>"
-        f"<script>const MAP_TRACKS = {data};{_MAP_JS}</script>"
-    )
-
-
-def _html(report: dict[str, Any], playlists: dict[str, list[Playlist]], frame: pd.DataFrame, out: Path,
-          xy: np.ndarray, map_labels: pd.Series) -> str:
-    model = html.escape(report["model"])
-    simulated = (
-        " The play counts the factors come from are <b>SIMULATED</b> (demo world); the music is real."
-        if report["simulated_plays"] else ""
-    )
-
-    def section(kind: str) -> str:
-        summary = report["non_randomness"][kind]
-        verdict = html.escape(summary_line(summary)[0].upper() + summary_line(summary)[1:])
-        lists = "".join(_playlist_html(p, frame, out, tests=summary["tests"]) for p in playlists[kind])
-        return f"<p class='note'>{verdict} (in red).</p><div class='lists'>{lists}</div>"
-
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>sonicrec: what {model} learned</title>
-<style>{_CSS}</style></head><body>
-<h1>What the network learned: {model}</h1>
-<p class="note">Run {html.escape(report['run'])}; playlists drawn from the {report['n_tracks']}
-{report['tracks']} tracks, map of {report['n_map_tracks']} tracks. After S. Dieleman, “Recommending music
-on Spotify with deep learning” (2014).{simulated} Built in {report['seconds']['total']:.0f} s.</p>
-<h2>First-layer filters</h2>
-<p class="note">Each filter spans every mel band (low at the bottom) and {report['filters']['shape'][2]}
-frames; red positive, blue negative, white zero; each filter scaled by its own largest weight.</p>
-<img src="filters.png" alt="first-layer filters" style="max-width:100%">
-<h2>Low-level playlists: maximum activation</h2>
-<p class="note">For the most selective filters: the tracks whose excerpt activates the filter most at
-any moment; each player starts at the peak.</p>
-{section("filter_max")}
-<h2>Low-level playlists: mean activation</h2>
-<p class="note">The same filters ranked by their mean activation over the excerpt (steady features:
-drones, chords, timbre).</p>
-{section("filter_mean")}
-<h2>High-level playlists: units of the last hidden layer</h2>
-{section("units")}
-<h2>Latent space map</h2>
-<p class="note">t-SNE of the factors {model} predicts from audio, coloured by
-{html.escape(report['color_by'])}.</p>
-<img src="latent-map.png" alt="t-SNE map" style="max-width:100%">
-{_map_html(xy, map_labels, [p['track_id'] for p in report['map']['points']], frame, out)}
-<h2>Similar songs</h2>
-{section("similar")}
-</body></html>
-"""
+def _map_json(track_ids: np.ndarray, xy: np.ndarray, labels: pd.Series) -> dict[str, Any]:
+    """The map's image and its points: track ids (n,), coordinates (n, 2) and labels (n,)."""
+    return {"image": "latent-map.png", "points": [
+        {"track_id": t, "x": round(float(a), 3), "y": round(float(b), 3), "label": _label(lab)}
+        for t, (a, b), lab in zip(track_ids.tolist(), xy, labels.tolist(), strict=True)
+    ]}

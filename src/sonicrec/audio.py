@@ -84,6 +84,23 @@ def excerpt_start(duration: float, cfg: AudioConfig) -> float:
     return min(max(0.0, cfg.excerpt_offset), latest)
 
 
+def track_excerpt_start(
+    duration: float | None, cfg: AudioConfig, *, recorded: float | None = None
+) -> float | None:
+    """Where an ingested track's excerpt starts, seconds: the one answer for the catalog's tracks.
+
+    ``recorded`` is the offset ingest recorded (the catalog's ``meta["excerpt_offset"]``, which
+    differs from :func:`excerpt_start` when that excerpt was mostly silent and the most active one
+    was used); without it (None or NaN: ingested before offsets were recorded) the planned
+    :func:`excerpt_start` of ``duration``; None when the duration is unknown too.
+    """
+    if recorded is not None and math.isfinite(recorded):
+        return float(recorded)
+    if duration is None or not math.isfinite(duration):
+        return None
+    return excerpt_start(duration, cfg)
+
+
 # --- decoding -----------------------------------------------------------------------------------
 
 

@@ -896,7 +896,8 @@ def _add_analyse(sub: argparse._SubParsersAction) -> None:
 def _run_analyse(args: argparse.Namespace) -> None:
     import json
 
-    from sonicrec.analysis import build_report, summary_line
+    from sonicrec.analysis import build_report
+    from sonicrec.report_page import summary_line
 
     page = build_report(
         args.run_dir, model=args.model, out=args.out, tracks=args.tracks, filters=args.filters,
