@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +49,7 @@ from sonicrec.bootstrap import DEFAULT_RESAMPLES, LEVEL, bootstrap_means
 from sonicrec.errors import DataError
 from sonicrec.factors import Factors, Predictions, unit_rows
 from sonicrec.interactions import PlayMatrix, read_play_matrix
-from sonicrec.io import atomic_path, atomic_write_json, atomic_write_text
+from sonicrec.io import atomic_write_json, atomic_write_text
 from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,46 @@ def ranking_metrics(
     chunk_size : users scored at once; None holds about 2**24 scores per chunk
     workers : threads (numpy's comparisons and sorts release the GIL); None = min(4, CPU count)
     """
+    user_factors, song_factors, relevant = _checked_inputs(
+        user_factors, song_factors, relevant, k=k, ap_cutoff=ap_cutoff
+    )
+    n_songs = song_factors.shape[0]
+    n_rel_all = np.diff(relevant.indptr)
+    users = np.flatnonzero(n_rel_all).astype(np.int64)
+    chunk_size = chunk_size or max(1, CHUNK_SCORES // max(n_songs, 1))
+    # Discounts for NDCG: idcg[m] is the ideal DCG of m relevant songs (m <= k).
+    idcg = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
+
+    def run_chunk(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return _chunk_metrics(
+            user_factors[rows], song_factors, relevant[rows], k=k, ap_cutoff=ap_cutoff, idcg=idcg
+        )
+
+    ap, auc, ndcg, recall = _over_chunks(
+        run_chunk, [users[i : i + chunk_size] for i in range(0, len(users), chunk_size)],
+        workers=workers or min(4, os.cpu_count() or 1), show_progress=show_progress,
+    )
+    return RankingMetrics(
+        users=users,
+        n_relevant=n_rel_all[users].astype(np.int64),
+        ap=ap,
+        auc=auc,
+        ndcg=ndcg,
+        recall=recall,
+        k=k,
+        ap_cutoff=ap_cutoff,
+        n_songs=n_songs,
+        n_skipped=int(user_factors.shape[0] - len(users)),
+    )
+
+
+def _checked_inputs(
+    user_factors: np.ndarray, song_factors: np.ndarray, relevant: sp.csr_matrix, *, k: int, ap_cutoff: int
+) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """The inputs of :func:`ranking_metrics` checked and as it computes on them: contiguous float32
+    factors (U, f) and (S, f), and a (U, S) float32 CSR matrix without duplicates or stored zeros."""
     user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
     song_factors = np.ascontiguousarray(song_factors, dtype=np.float32)
-    n_users, n_songs = user_factors.shape[0], song_factors.shape[0]
     if user_factors.shape[1] != song_factors.shape[1]:
         raise DataError(
             f"user factors have {user_factors.shape[1]} dimensions, song factors {song_factors.shape[1]}"
@@ -158,25 +195,23 @@ def ranking_metrics(
     if k < 1 or ap_cutoff < 1:
         raise ValueError("k and ap_cutoff must be >= 1")
     relevant = sp.csr_matrix(relevant, dtype=np.float32)
-    if relevant.shape != (n_users, n_songs):
-        raise DataError(f"relevance matrix is {relevant.shape}, expected {(n_users, n_songs)}")
+    expected = (user_factors.shape[0], song_factors.shape[0])
+    if relevant.shape != expected:
+        raise DataError(f"relevance matrix is {relevant.shape}, expected {expected}")
     relevant.sum_duplicates()
     relevant.eliminate_zeros()
+    return user_factors, song_factors, relevant
 
-    n_rel_all = np.diff(relevant.indptr)
-    users = np.flatnonzero(n_rel_all).astype(np.int64)
-    n_skipped = n_users - len(users)
-    chunk_size = chunk_size or max(1, CHUNK_SCORES // max(n_songs, 1))
-    chunks = [users[i : i + chunk_size] for i in range(0, len(users), chunk_size)]
-    workers = workers or min(4, os.cpu_count() or 1)
-    # Discounts for NDCG: idcg[m] is the ideal DCG of m relevant songs (m <= k).
-    idcg = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
 
-    def run_chunk(rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        return _chunk_metrics(
-            user_factors[rows], song_factors, relevant[rows], k=k, ap_cutoff=ap_cutoff, idcg=idcg
-        )
-
+def _over_chunks(
+    run_chunk: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+    chunks: list[np.ndarray],
+    *,
+    workers: int,
+    show_progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The four (n,) metric arrays of every chunk of users, computed on ``workers`` threads and
+    concatenated in the order of the chunks."""
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -192,18 +227,7 @@ def ranking_metrics(
     ap, auc, ndcg, recall = (
         np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(4)
     )
-    return RankingMetrics(
-        users=users,
-        n_relevant=n_rel_all[users].astype(np.int64),
-        ap=ap,
-        auc=auc,
-        ndcg=ndcg,
-        recall=recall,
-        k=k,
-        ap_cutoff=ap_cutoff,
-        n_songs=n_songs,
-        n_skipped=int(n_skipped),
-    )
+    return ap, auc, ndcg, recall
 
 
 def _chunk_metrics(
@@ -313,40 +337,10 @@ def evaluate_models(
     predictions file.
     """
     split_songs = factors.songs(split)
-    if len(split_songs) == 0:
-        raise DataError(f"the factors have no {split!r} songs: factorize with a nonzero {split} fraction")
-    songs = split_songs
-    for name, (song_ids, _) in predictions.items():
-        kept = songs[np.isin(songs, song_ids)]
-        if len(kept) < len(songs):
-            log.warning("%s lacks %d of the %s songs; they are left out for every model",
-                        name, len(songs) - len(kept), split)
-        songs = kept
-    if len(songs) < 2:
-        raise DataError(f"fewer than 2 {split} songs have predictions from every model")
-
+    songs = _songs_of_every_model(split_songs, predictions, split=split)
     relevant, n_unknown_users = relevance_matrix(plays, factors.user_ids, songs)
-    rows = factors.song_index(songs)
-    rng = np.random.default_rng(seed)
     counts = np.asarray(plays.aligned(song_ids=songs).sum(axis=0)).ravel()  # (S,) plays per song
-
-    candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        "random": (
-            rng.standard_normal((len(factors.user_ids), RANDOM_DIM)),
-            rng.standard_normal((len(songs), RANDOM_DIM)),
-        ),
-        # Ties in play counts are broken at random (a uniform offset below one play).
-        "popularity": (
-            np.ones((len(factors.user_ids), 1)),
-            (counts + 0.5 * rng.random(len(songs)))[:, None],
-        ),
-    }
-    for name, (song_ids, pred) in predictions.items():
-        index = pd.Index(song_ids).get_indexer(songs)
-        candidates[name] = (factors.user_factors, pred[index])
-    candidates["upper-bound-unit"] = (factors.user_factors, unit_rows(factors.song_factors[rows]))
-    candidates["upper-bound"] = (factors.user_factors, factors.song_factors[rows])
-
+    candidates = _candidate_factors(factors, songs, counts, predictions, seed=seed)
     n_listeners = int(np.count_nonzero(np.diff(relevant.indptr)))
     results, per_user = [], {}
     for name in _ordered(candidates):
@@ -381,6 +375,51 @@ def evaluate_models(
         },
         "models": results,
     }
+
+
+def _songs_of_every_model(
+    split_songs: np.ndarray, predictions: Mapping[str, tuple[np.ndarray, np.ndarray]], *, split: str
+) -> np.ndarray:
+    """The split's songs (S,) that every predictions file covers, in the split's order; warns of the
+    songs a model lacks."""
+    if len(split_songs) == 0:
+        raise DataError(f"the factors have no {split!r} songs: factorize with a nonzero {split} fraction")
+    songs = split_songs
+    for name, (song_ids, _) in predictions.items():
+        kept = songs[np.isin(songs, song_ids)]
+        if len(kept) < len(songs):
+            log.warning("%s lacks %d of the %s songs; they are left out for every model",
+                        name, len(songs) - len(kept), split)
+        songs = kept
+    if len(songs) < 2:
+        raise DataError(f"fewer than 2 {split} songs have predictions from every model")
+    return songs
+
+
+def _candidate_factors(
+    factors: Factors,
+    songs: np.ndarray,
+    counts: np.ndarray,
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    seed: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every model as (user factors (U, f), song factors (S, f)) over ``songs`` (S,): the random and
+    popularity baselines (``counts`` (S,) test plays per song), the predictions and the upper bounds."""
+    rng = np.random.default_rng(seed)
+    n_users = len(factors.user_ids)
+    candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        "random": (rng.standard_normal((n_users, RANDOM_DIM)), rng.standard_normal((len(songs), RANDOM_DIM))),
+        # Ties in play counts are broken at random (a uniform offset below one play).
+        "popularity": (np.ones((n_users, 1)), (counts + 0.5 * rng.random(len(songs)))[:, None]),
+    }
+    for name, (song_ids, pred) in predictions.items():
+        index = pd.Index(song_ids).get_indexer(songs)
+        candidates[name] = (factors.user_factors, pred[index])
+    rows = factors.song_index(songs)
+    candidates["upper-bound-unit"] = (factors.user_factors, unit_rows(factors.song_factors[rows]))
+    candidates["upper-bound"] = (factors.user_factors, factors.song_factors[rows])
+    return candidates
 
 
 def evaluate_regression(
@@ -561,37 +600,32 @@ def _paired_markdown(results: dict) -> list[str]:
 
 def plot_results(results: dict, path: Path) -> None:
     """Bar chart of mAP and AUC per model, written atomically to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from sonicrec.plotting import png_figure
 
     names = [f"{r['model']} (warm ref.)" if r["model"] == "popularity" else r["model"]
              for r in results["models"]]
     cut = results["ap_cutoff"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.5), sharey=True)
-    for ax, key, title, chance in (
-        (axes[0], f"map@{cut}", f"mAP@{cut}", None),
-        (axes[1], "auc", "AUC", 0.5),
-    ):
-        values = np.array([r[key] for r in results["models"]])
-        bounds = np.array([r.get("interval", {}).get(key, [r[key]] * 2) for r in results["models"]])
-        ax.barh(names, values, color=["#999999" if "warm" in n else "#3070b0" for n in names],
-                xerr=np.abs(bounds.T - values), ecolor="k", capsize=3)
-        ax.set_title(title)
-        if chance is not None:
-            ax.axvline(chance, color="k", lw=0.8, ls="--")
-    axes[0].invert_yaxis()  # shared: the first model on top
     data = results["data"]
     boot = results.get("bootstrap", {})
     bars = (f"; bars: {round(100 * boot['level'])}% bootstrap intervals over users"
             if boot.get("n_resamples") else "")
-    fig.suptitle(f"Cold-start evaluation: {data['n_users']:,} users x {data['n_songs']:,} "
-                 f"{results['split']} songs{bars}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    size = (10, 0.45 * len(names) + 1.5)
+    with png_figure(path, dpi=100, ncols=2, figsize=size, sharey=True) as (fig, axes):
+        for ax, key, title, chance in (
+            (axes[0], f"map@{cut}", f"mAP@{cut}", None),
+            (axes[1], "auc", "AUC", 0.5),
+        ):
+            values = np.array([r[key] for r in results["models"]])
+            bounds = np.array([r.get("interval", {}).get(key, [r[key]] * 2) for r in results["models"]])
+            ax.barh(names, values, color=["#999999" if "warm" in n else "#3070b0" for n in names],
+                    xerr=np.abs(bounds.T - values), ecolor="k", capsize=3)
+            ax.set_title(title)
+            if chance is not None:
+                ax.axvline(chance, color="k", lw=0.8, ls="--")
+        axes[0].invert_yaxis()  # shared: the first model on top
+        fig.suptitle(f"Cold-start evaluation: {data['n_users']:,} users x {data['n_songs']:,} "
+                     f"{results['split']} songs{bars}")
+        fig.tight_layout()
 
 
 def evaluate_run(
