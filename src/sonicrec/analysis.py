@@ -332,7 +332,6 @@ def latent_map(factors: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) 
     return np.asarray(embedding, dtype=np.float32)
 
 
-
 # --- the report ---------------------------------------------------------------------------------
 
 
