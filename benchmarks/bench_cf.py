@@ -81,14 +81,15 @@ def _peak_rss_mib(pid: int) -> float:
 
 def _fit_child(engine: str, data: str, out: str, cfg_fields: dict, queue) -> None:
     """Fit one engine in a fresh process; report times and peak memory."""
-    from sonicrec.cf import fit_wmf, spark_session
+    from sonicrec.cf import fit_wmf
+    from sonicrec.spark import session
 
     cfg = CFConfig(engine=engine, **cfg_fields)
     counts = sparse.load_npz(data).tocsr()
     start = time.perf_counter()
     spark = None
     if engine == "spark":  # start Spark first (kept open by fit_wmf), so startup is timed apart
-        spark, _ = spark_session(cfg.spark_master, show_progress=False)
+        spark, _ = session(cfg.spark_master, show_progress=False)
     startup = time.perf_counter() - start
     rss_before = _peak_rss_mib(os.getpid())
     start = time.perf_counter()

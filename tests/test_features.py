@@ -17,6 +17,8 @@ from sonicrec.features import (
     FeatureStore,
     FeatureStoreWriter,
     discover_tracks,
+    extract_track,
+    ingest,
     ingest_run,
     read_manifest,
     register_tracks,
@@ -163,6 +165,41 @@ def test_resumed_ingest_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     with Catalog(whole.catalog) as ca, Catalog(parts.catalog) as cb:
         fa, fb = (c.to_frame().drop(columns=["path", "error"]) for c in (ca, cb))  # paths differ
         assert fa.equals(fb) and (fa.status == "failed").sum() == 1
+
+
+class StoreFirstExtractor:
+    """An engine like Spark's: it stores every track itself, then gives the results (no features)."""
+
+    name, stops_early = "store-first", False
+
+    def extract(self, tracks, cfg, store):
+        results = [extract_track(t.track_id, t.path, cfg) for t in tracks]
+        for r in results:
+            if r.features is not None:
+                store.add(r.track_id, r.features)
+        store.commit()
+        for r in results:
+            yield features_module.Extracted(r.track_id, None, r.duration, r.offset, r.padded, r.error,
+                                            r.decoder, r.notes)
+
+
+def test_an_engine_that_stores_first_is_recorded_as_the_local_one(tmp_path):
+    local, other = RunDir(tmp_path / "local"), RunDir(tmp_path / "other")
+    good = make_catalog(local, 3, ["silent", "corrupt"])
+    make_catalog(other, 3, ["silent", "corrupt"])
+    assert ingest_run(local, SHORT, show_progress=False) == ingest(
+        other, StoreFirstExtractor(), SHORT, show_progress=False)
+    assert sorted(FeatureStore(other.features).track_ids) == good
+    with Catalog(local.catalog) as ca, Catalog(other.catalog) as cb:
+        fa, fb = (c.to_frame().drop(columns=["path", "error"]) for c in (ca, cb))  # paths differ
+        assert fa.equals(fb)
+
+    strict = RunDir(tmp_path / "strict")  # it cannot stop early: every track recorded, then raised
+    make_catalog(strict, 2, ["silent", "corrupt"])
+    with pytest.raises(AudioError, match="2 track"):
+        ingest(strict, StoreFirstExtractor(), SHORT, strict=True, show_progress=False)
+    with Catalog(strict.catalog) as catalog:
+        assert catalog.counts() == {"new": 0, "ok": 2, "failed": 2}
 
 
 def test_discover_folders_files_and_manifests(tmp_path):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +35,12 @@ import pandas as pd
 from scipy import sparse
 
 from sonicrec.config import CFConfig
-from sonicrec.errors import DataError, MissingExtraError, require
+from sonicrec.errors import DataError
 from sonicrec.factors import SPLITS, Factors
 from sonicrec.interactions import PlayMatrix, read_play_matrix, split_songs
 from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
-_PYSPARK_PANDAS_WARNING = "PySpark does not yet fully support pandas"  # pyspark 4.x with pandas 3
 
 
 def confidence(counts: np.ndarray, *, alpha: float, epsilon: float) -> np.ndarray:
@@ -301,8 +299,8 @@ def _fit_implicit(counts: sparse.csr_matrix, cfg: CFConfig, show_progress: bool)
 
 
 def _fit_spark(counts: sparse.csr_matrix, cfg: CFConfig, show_progress: bool):
-    require("pyspark", "spark")
-    from pyspark.ml.recommendation import ALS
+    """Spark's ALS on a session from :func:`sonicrec.spark.session` (stopped here only if started here)."""
+    from sonicrec.spark import quiet_pandas_warnings, session
 
     coo = counts.tocoo()
     ratings = pd.DataFrame(
@@ -313,10 +311,11 @@ def _fit_spark(counts: sparse.csr_matrix, cfg: CFConfig, show_progress: bool):
             "rating": confidence(coo.data, alpha=cfg.alpha, epsilon=cfg.epsilon) - np.float32(1.0),
         }
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", _PYSPARK_PANDAS_WARNING, FutureWarning)
-        spark, owned = spark_session(cfg.spark_master, show_progress)
+    with quiet_pandas_warnings():
+        spark, owned = session(cfg.spark_master, show_progress=show_progress)
         try:
+            from pyspark.ml.recommendation import ALS
+
             als = ALS(
                 rank=cfg.factors,
                 maxIter=cfg.iterations,
@@ -343,36 +342,3 @@ def _fit_spark(counts: sparse.csr_matrix, cfg: CFConfig, show_progress: bool):
     if len(songs):
         song_factors[songs["id"].to_numpy()] = np.stack(songs["features"].to_numpy())
     return user_factors, song_factors
-
-
-def spark_session(master: str, show_progress: bool = True):
-    """(session, created): the active SparkSession, or a new one on ``master``.
-
-    :func:`fit_wmf` stops a session it created and leaves an active one open, so a caller that
-    fits several times starts Spark once by calling this first.
-    """
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        return active, False
-    builder = (
-        SparkSession.builder.master(master)
-        .appName("sonicrec")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", str(show_progress).lower())
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-    )
-    if master.startswith("local"):  # the driver does all the work: give it memory, few partitions
-        builder = builder.config("spark.driver.memory", "4g").config("spark.sql.shuffle.partitions", "8")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", _PYSPARK_PANDAS_WARNING, FutureWarning)
-            spark = builder.getOrCreate()
-    except Exception as exc:  # Java missing or the master unreachable: py4j/pyspark raise many kinds
-        raise MissingExtraError(
-            f"Spark could not start on {master!r} ({type(exc).__name__}: {exc}); Spark needs Java 17+ "
-            "(JAVA_HOME) and a reachable master (cf.spark_master), or use --engine implicit"
-        ) from exc
-    spark.sparkContext.setLogLevel("WARN")
-    return spark, True

@@ -166,18 +166,12 @@ def _run_ingest(args: argparse.Namespace) -> None:
 
     from sonicrec.catalog import Catalog
     from sonicrec.errors import DataError, OutputDirError
-    from sonicrec.features import discover_tracks, ingest_run, register_tracks
+    from sonicrec.features import discover_tracks, ingest_report, ingest_run, register_tracks
     from sonicrec.rundir import RunDir
 
     if args.report is not None:
-        run = RunDir(args.report)
-        if not run.catalog.is_file():
-            raise OutputDirError(f"{run.root}: no catalog.sqlite; run `sonicrec ingest PATH... --out RUN`")
-        with Catalog(run.catalog) as catalog:
-            failed = [
-                {"track_id": t.track_id, "path": t.path, "error": t.error} for t in catalog.tracks("failed")
-            ]
-            counts = catalog.counts()
+        report = ingest_report(args.report)
+        failed, counts = report.failed, report.counts
         if args.json:
             print(json.dumps({"failed": failed, "counts": counts}, indent=1))
             return
@@ -207,8 +201,7 @@ def _run_ingest(args: argparse.Namespace) -> None:
             run, cfg.audio, workers=args.workers or os.cpu_count() or 1, strict=args.strict,
             retry_failed=args.retry_failed, show_progress=args.progress,
         )
-    with Catalog(run.catalog) as catalog:
-        failed = catalog.counts()["failed"]
+    failed = ingest_report(run).counts["failed"]
     line = f"{result.ok} ok, {result.failed} failed"
     if result.skipped:
         line += f" ({result.skipped} done or failed before)"

@@ -29,7 +29,7 @@ import numpy as np
 
 from sonicrec.catalog import Catalog, Track
 from sonicrec.config import AudioConfig
-from sonicrec.errors import AudioError, ConfigError, DataError, UnknownIdError
+from sonicrec.errors import AudioError, ConfigError, DataError, OutputDirError, UnknownIdError
 from sonicrec.io import atomic_path, atomic_write_text
 from sonicrec.rundir import RunDir
 
@@ -267,7 +267,7 @@ class Extracted:
     """One track's extraction: its features, or the reason it failed."""
 
     track_id: str
-    features: np.ndarray | None  # float16 (n_mels, n_frames), None on failure
+    features: np.ndarray | None  # float16 (n_mels, n_frames); None on failure or once stored
     duration: float | None
     offset: float | None
     padded: bool
@@ -368,6 +368,127 @@ def mark_extracted(track: Track, result: Extracted) -> Track:
     return track
 
 
+class Extractor(Protocol):
+    """An engine that computes the features of catalog tracks for :func:`ingest`.
+
+    ``extract`` yields one :class:`Extracted` per track, in any order. A result with features is
+    added to ``store`` by :func:`ingest`; a successful result without features was committed into
+    ``store`` by the extractor itself (:meth:`FeatureStoreWriter.adopt`). ``stops_early``: results
+    arrive while the work goes on, so a strict ingest stops at the first failure (otherwise it
+    records every result and then raises).
+    """
+
+    name: str
+    stops_early: bool
+
+    def extract(
+        self, tracks: Sequence[Track], cfg: AudioConfig, store: FeatureStoreWriter
+    ) -> Iterator[Extracted]: ...
+
+
+@dataclass(frozen=True)
+class LocalExtractor:
+    """Extraction in this process (``workers`` <= 1) or in spawned worker processes."""
+
+    workers: int = 1
+    name: str = "local"
+    stops_early: bool = True
+
+    def extract(
+        self, tracks: Sequence[Track], cfg: AudioConfig, store: FeatureStoreWriter
+    ) -> Iterator[Extracted]:
+        return _extract_all([(t.track_id, t.path) for t in tracks], cfg, self.workers)
+
+
+def ingest(
+    run: RunDir | str | Path,
+    extractor: Extractor,
+    cfg: AudioConfig | None = None,
+    *,
+    strict: bool = False,
+    retry_failed: bool = False,
+    show_progress: bool = True,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> IngestResult:
+    """Extract, with ``extractor``, the features of the catalog tracks not yet in the run's store.
+
+    Tracks marked ``failed`` are left alone unless ``retry_failed``. A track becomes ``ok`` in the
+    catalog once its shard is committed; a failure is recorded with its reason. Re-running after an
+    interruption continues where the last committed shard ended.
+
+    Parameters
+    ----------
+    run : the run directory (RUN/catalog.sqlite is read, RUN/features/ written).
+    extractor : :class:`LocalExtractor`, or :class:`sonicrec.spark.SparkExtractor`.
+    cfg : audio settings; None = ``Config.load(RUN/config.toml).audio`` or the defaults.
+    strict : raise the first failure as :class:`AudioError` instead of recording it and going on.
+    """
+    from tqdm.auto import tqdm
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    cfg = cfg or run.read_config().audio
+    ok, failures = 0, []
+    writer = FeatureStoreWriter(run.features, cfg, shard_size=shard_size)
+    with Catalog(run.catalog) as catalog, writer as store:
+        todo = tracks_to_extract(catalog, store, retry_failed=retry_failed)
+        skipped = len(catalog) - len(todo)
+        log.info("ingest (%s): %d tracks to extract, %d already done or failed", extractor.name,
+                 len(todo), skipped)
+        rows = _CatalogRows(catalog, store, todo)
+        try:
+            with tqdm(total=len(todo), unit="track", desc="ingest", disable=not show_progress) as bar:
+                for result in extractor.extract(todo, cfg, store):
+                    bar.update()
+                    rows.add(result)
+                    if result.error is None:
+                        ok += 1
+                        continue
+                    failures.append(result.error)
+                    log.warning("%s", result.error)
+                    if strict and extractor.stops_early:
+                        raise AudioError(f"{result.error} (strict: stopping at the first failure)")
+        finally:
+            rows.commit()  # an interrupted run keeps every track extracted so far
+    if strict and failures:
+        raise AudioError(f"{failures[0]} (strict: {len(failures)} track(s) failed)")
+    return IngestResult(ok=ok, failed=len(failures), skipped=skipped)
+
+
+class _CatalogRows:
+    """Extraction results into the store and the catalog: a track's row is written once its
+    features are committed (the failures with them), a shard's worth or more per transaction."""
+
+    def __init__(self, catalog: Catalog, store: FeatureStoreWriter, todo: Sequence[Track]) -> None:
+        self.catalog, self.store = catalog, store
+        self.todo = {t.track_id: t for t in todo}
+        self.finished: dict[str, Track] = {}  # extracted, their rows waiting for their shard
+        self.failures: list[Track] = []
+        self.committed: list[str] = []  # in the store, their rows not yet written
+
+    def add(self, result: Extracted) -> None:
+        """Record one result; its features, if it has them, go to the store."""
+        track = mark_extracted(self.todo.pop(result.track_id), result)
+        if result.error is not None:
+            self.failures.append(track)
+            return
+        self.finished[track.track_id] = track
+        if result.features is None:  # committed by the extractor
+            self.committed.append(track.track_id)
+        else:
+            self.committed += self.store.add(track.track_id, result.features)
+        if len(self.committed) >= self.store.shard_size:
+            self._write()
+
+    def commit(self) -> None:
+        """Commit the pending features and write every row recorded so far."""
+        self.committed += self.store.commit()
+        self._write()
+
+    def _write(self) -> None:
+        self.catalog.upsert([self.finished.pop(t) for t in self.committed] + self.failures)
+        self.committed, self.failures = [], []
+
+
 def ingest_run(
     run: RunDir | str | Path,
     cfg: AudioConfig | None = None,
@@ -378,58 +499,35 @@ def ingest_run(
     show_progress: bool = True,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> IngestResult:
-    """Extract features of the catalog tracks not yet in the run's feature store.
+    """:func:`ingest` with worker processes on this machine (:class:`LocalExtractor`).
 
-    Tracks marked ``failed`` are left alone unless ``retry_failed``. A track becomes ``ok`` in the
-    catalog once its shard is committed; a failure is recorded with its reason. Re-running after an
-    interruption continues where the last committed shard ended.
-
-    Parameters
-    ----------
-    run : the run directory (RUN/catalog.sqlite is read, RUN/features/ written).
-    cfg : audio settings; None = ``Config.load(RUN/config.toml).audio`` or the defaults.
-    workers : extraction processes (<= 1: in this process); capped by :func:`worker_count`.
-    strict : raise the first failure as :class:`AudioError` instead of recording it and going on.
+    ``workers``: extraction processes (<= 1: in this process); capped by :func:`worker_count`.
     """
-    from tqdm.auto import tqdm
+    return ingest(
+        run, LocalExtractor(workers), cfg, strict=strict, retry_failed=retry_failed,
+        show_progress=show_progress, shard_size=shard_size,
+    )
 
+
+@dataclass(frozen=True)
+class IngestReport:
+    """The state of a run's catalog: tracks per status and, for each failed track, its
+    ``track_id``, ``path`` and ``error``."""
+
+    counts: dict[str, int]
+    failed: list[dict[str, str | None]]
+
+
+def ingest_report(run: RunDir | str | Path) -> IngestReport:
+    """What the ingests of a run have done so far (read from RUN/catalog.sqlite)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
-    if cfg is None:
-        cfg = run.read_config().audio
-    ok = failed = 0
-    writer = FeatureStoreWriter(run.features, cfg, shard_size=shard_size)
-    with Catalog(run.catalog) as catalog, writer as store:
-        todo = tracks_to_extract(catalog, store, retry_failed=retry_failed)
-        skipped = len(catalog) - len(todo)
-        log.info("ingest: %d tracks to extract, %d already done or failed", len(todo), skipped)
-        by_id = {t.track_id: t for t in todo}
-        finished: dict[str, Track] = {}  # extracted, waiting for their shard to be committed
-        failures: list[Track] = []
-
-        def record(committed: list[str]) -> None:
-            catalog.upsert([finished.pop(track_id) for track_id in committed] + failures)
-            failures.clear()
-
-        tasks = [(t.track_id, t.path) for t in todo]
-        try:
-            progress = tqdm(total=len(tasks), unit="track", desc="ingest", disable=not show_progress)
-            with progress:
-                for result in _extract_all(tasks, cfg, workers):
-                    track = mark_extracted(by_id.pop(result.track_id), result)
-                    progress.update()
-                    if result.error is not None:
-                        failures.append(track)
-                        failed += 1
-                        if strict:
-                            raise AudioError(f"{result.error} (--strict: stopping at the first failure)")
-                        log.warning("%s", result.error)
-                        continue
-                    finished[track.track_id] = track
-                    record(store.add(track.track_id, result.features))
-                    ok += 1
-        finally:
-            record(store.commit())  # an interrupted run keeps every track extracted so far
-    return IngestResult(ok=ok, failed=failed, skipped=skipped)
+    if not run.catalog.is_file():
+        raise OutputDirError(f"{run.root}: no catalog.sqlite; run `sonicrec ingest PATH... --out RUN`")
+    with Catalog(run.catalog) as catalog:
+        failed = [
+            {"track_id": t.track_id, "path": t.path, "error": t.error} for t in catalog.tracks("failed")
+        ]
+        return IngestReport(catalog.counts(), failed)
 
 
 # --- registering audio files --------------------------------------------------------------------

@@ -32,7 +32,7 @@ from sonicrec.model import AudioCNN, select_device
 from sonicrec.rundir import RunDir, check_model_name
 
 if TYPE_CHECKING:
-    from sonicrec.features import LogMelStore
+    from sonicrec.features import FeatureStore, LogMelStore
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Predictor:
     def predict_each(
         self, paths: Sequence[str | Path], *, batch_size: int = 64, workers: int = 2, strict: bool = False,
         show_progress: bool = False,
-    ) -> FilePredictions:
+    ) -> BatchPredictions:
         """Factors of the audio files that can be used, and why the others cannot.
 
         ``workers`` threads (at most one per file) decode and compute log-mels while the network
@@ -147,13 +147,27 @@ class Predictor:
         """
         paths = [Path(p) for p in paths]
         front_end = partial(_logmel_or_reason, cfg=self.config.audio, strict=strict)
+        with ThreadPoolExecutor(max(1, min(workers, len(paths)))) as pool:
+            inputs = _ahead(pool, front_end, paths, 2 * batch_size)
+            return self._predict_inputs(inputs, len(paths), batch_size=batch_size, progress=show_progress)
+
+    def predict_stored(
+        self, store: LogMelStore, track_ids: Sequence[str], *, batch_size: int = 64,
+        show_progress: bool = False,
+    ) -> BatchPredictions:
+        """Factors of tracks of a feature store, and which cannot be used (stored features that are
+        not finite: a store written before they were refused)."""
+        inputs = (_stored_or_reason(store, track_id) for track_id in track_ids)
+        return self._predict_inputs(inputs, len(track_ids), batch_size=batch_size, progress=show_progress)
+
+    def _predict_inputs(
+        self, inputs: Iterator[tuple[np.ndarray | None, str | None]], n: int, *, batch_size: int,
+        progress: bool,
+    ) -> BatchPredictions:
+        """Factors of ``n`` inputs, each a log-mel (n_mels, T) or the reason there is none."""
         done, factors, embeddings, failures = [], [], [], []
-        with (
-            ThreadPoolExecutor(max(1, min(workers, len(paths)))) as pool,
-            tqdm(total=len(paths), unit="file", disable=not show_progress) as bar,
-        ):
-            results = enumerate(_ahead(pool, front_end, paths, 2 * batch_size))
-            for batch in _batches(results, batch_size):
+        with tqdm(total=n, unit="track", disable=not progress) as bar:
+            for batch in _batches(enumerate(inputs), batch_size):
                 failures += [(i, reason) for i, (_, reason) in batch if reason is not None]
                 usable = [(i, x) for i, (x, _) in batch if x is not None]
                 if usable:
@@ -163,10 +177,10 @@ class Predictor:
                     embeddings.append(h)
                 bar.update(len(batch))
         if not factors:
-            return FilePredictions(np.zeros(0, np.int64), np.empty((0, self.n_factors), np.float32),
-                                   np.empty((0, 0), np.float32), failures)
-        return FilePredictions(np.asarray(done, dtype=np.int64), np.concatenate(factors),
-                               np.concatenate(embeddings), failures)
+            return BatchPredictions(np.zeros(0, np.int64), np.empty((0, self.n_factors), np.float32),
+                                    np.empty((0, 0), np.float32), failures)
+        return BatchPredictions(np.asarray(done, dtype=np.int64), np.concatenate(factors),
+                                np.concatenate(embeddings), failures)
 
     def predict_store(
         self, store: LogMelStore, track_ids: Sequence[str] | None = None, *, batch_size: int = 64,
@@ -184,29 +198,16 @@ class Predictor:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ids (S,) str, factors (S, k) and penultimate activations (S, D) of a feature store's tracks.
 
-        Tracks whose stored features are not finite (a store written before they were refused)
-        are left out, with a warning naming them.
+        Tracks whose stored features are not finite are left out (:meth:`predict_stored`), with a
+        warning naming them.
         """
-        ids = list(store.track_ids if track_ids is None else track_ids)
-        kept, factors, embeddings, skipped = [], [], [], []
-        with tqdm(total=len(ids), unit="track", disable=not show_progress) as bar:
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                x = store.get_many(chunk)
-                finite = finite_rows(x)
-                skipped += [t for t, ok in zip(chunk, finite, strict=True) if not ok]
-                kept += [t for t, ok in zip(chunk, finite, strict=True) if ok]
-                if finite.any():
-                    f, h = self.embed_logmel(x[finite], batch_size=batch_size)
-                    factors.append(f)
-                    embeddings.append(h)
-                bar.update(len(chunk))
+        ids = np.asarray(list(store.track_ids if track_ids is None else track_ids), dtype=str)
+        result = self.predict_stored(store, ids, batch_size=batch_size, show_progress=show_progress)
+        skipped = [repr(ids[i]) for i, _ in result.failures]
         if skipped:
             log.warning("%d track(s) with non-finite stored features not predicted: %s", len(skipped),
-                        ", ".join(map(repr, skipped[:5])) + (" ..." if len(skipped) > 5 else ""))
-        if not factors:
-            return np.asarray(kept, dtype=str), np.empty((0, self.n_factors), np.float32), np.empty((0, 0))
-        return np.asarray(kept, dtype=str), np.concatenate(factors), np.concatenate(embeddings)
+                        ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        return ids[result.index], result.factors, result.embeddings
 
     def familiarity_of(self, embeddings: np.ndarray) -> FamiliarityScores | None:
         """Familiarity scores of penultimate activations (B, D); None for a model without one."""
@@ -214,21 +215,32 @@ class Predictor:
 
 
 @dataclass(frozen=True)
-class FilePredictions:
-    """What :meth:`Predictor.predict_each` made of a list of audio files.
+class BatchPredictions:
+    """What :meth:`Predictor.predict_each` (audio files) or :meth:`Predictor.predict_stored` (stored
+    tracks) made of a list of inputs.
 
     Attributes
     ----------
-    index : (m,) int64, positions in the given list of the files predicted, in order
+    index : (m,) int64, positions in the given list of the inputs predicted, in order
     factors : (m, n_factors) float32, finite, their factors
     embeddings : (m, D) float32, their penultimate activations (for familiarity)
-    failures : (position, reason) of each file that could not be used
+    failures : (position, reason) of each input that could not be used
     """
 
     index: np.ndarray
     factors: np.ndarray
     embeddings: np.ndarray
     failures: list[tuple[int, str]]
+
+    def per_input(self, n: int) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """For each of the ``n`` inputs, its factors (k,) or None, and the reason it failed or None."""
+        factors: list[np.ndarray | None] = [None] * n
+        errors: list[str | None] = [None] * n
+        for i, f in zip(self.index, self.factors, strict=True):
+            factors[i] = f
+        for i, reason in self.failures:
+            errors[i] = reason
+        return factors, errors
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:
@@ -245,6 +257,13 @@ def _logmel_or_reason(path: Path, cfg, strict: bool) -> tuple[np.ndarray | None,
         if strict:
             raise
         return None, str(exc)
+
+
+def _stored_or_reason(store: LogMelStore, track_id: str) -> tuple[np.ndarray | None, str | None]:
+    x = store.get(track_id)
+    if np.isfinite(x).all():
+        return x, None
+    return None, f"track {track_id}: its stored features are not finite"
 
 
 def _ahead(pool: ThreadPoolExecutor, fn, items: Sequence, depth: int) -> Iterator:
@@ -281,21 +300,39 @@ def predict_run(
 
     ``checkpoint``: the model file (default RUN/model/NAME/checkpoint.pt).
     """
-    from sonicrec.features import FeatureStore
-
-    run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    check_model_name(name)
-    checkpoint = Path(checkpoint or run.checkpoint(name))
+    run, checkpoint = run_checkpoint(run, name, checkpoint)
     predictor = Predictor.load(checkpoint)
-    store = FeatureStore(run.features)
-    if len(store) == 0:
-        raise DataError(f"the feature store {run.features} is empty: run sonicrec ingest first")
+    store = stored_tracks(run)
     song_ids, factors, embeddings = predictor.embed_store(
         store, batch_size=batch_size, show_progress=show_progress
     )
     familiarity = _fit_familiarity(run, song_ids, embeddings)
     if familiarity is not None:
         familiarity.save(checkpoint.parent / FAMILIARITY_FILE)
+    return save_run_predictions(run, name, song_ids, factors)
+
+
+def run_checkpoint(
+    run: RunDir | str | Path, name: str, checkpoint: str | Path | None = None
+) -> tuple[RunDir, Path]:
+    """The run directory and the model file of its model ``name`` (default RUN/model/NAME/checkpoint.pt)."""
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    check_model_name(name)
+    return run, Path(checkpoint or run.checkpoint(name))
+
+
+def stored_tracks(run: RunDir) -> FeatureStore:
+    """The run's feature store, which must hold at least one track."""
+    from sonicrec.features import FeatureStore
+
+    store = FeatureStore(run.features)
+    if len(store) == 0:
+        raise DataError(f"the feature store {run.features} is empty: run sonicrec ingest first")
+    return store
+
+
+def save_run_predictions(run: RunDir, name: str, song_ids: np.ndarray, factors: np.ndarray) -> Path:
+    """Write RUN/predictions/NAME.npz (song ids (S,) str, factors (S, k) float32) and return its path."""
     path = run.prediction(name)
     Predictions(song_ids, factors).save(path)
     log.info("predicted %d tracks with %s -> %s", len(song_ids), name, path)

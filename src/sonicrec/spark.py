@@ -1,17 +1,19 @@
 """Spark batch jobs: feature extraction and CNN prediction over a DataFrame of tracks.
 
 Both jobs run the local code inside ``mapInPandas`` (one Python worker per task), so a cluster
-computes exactly what one machine does:
+computes exactly what one machine does, and :func:`session` is the one place Spark is started:
 
 * :func:`extract_features` runs :func:`sonicrec.features.extract_track` (the front end of
   :func:`sonicrec.audio.file_to_logmel`) on a DataFrame of ``(track_id, path)``. Each task writes
   its own feature store (``FeatureStoreWriter``, atomically committed shards) in a staging folder
-  inside the run's store; :func:`ingest_run_spark` then moves the shards of the successful tasks
-  into the store on the driver (``FeatureStoreWriter.adopt``: the index commit) and records every
-  track in the catalog, as ``sonicrec ingest`` does.
-* :func:`predict_frame` runs :class:`sonicrec.predict.Predictor` on stored features or audio files;
-  :func:`predict_run_spark` writes RUN/predictions/NAME.parquet (``track_id``, ``factor_0`` ...)
-  and the local pipeline's RUN/predictions/NAME.npz.
+  inside the run's store. :class:`SparkExtractor` is the Spark engine of the one ingest,
+  :func:`sonicrec.features.ingest`: it moves the shards of the successful tasks into the store on
+  the driver (``FeatureStoreWriter.adopt``: the index commit), and the ingest records every track
+  in the catalog as it does for local worker processes.
+* :func:`predict_frame` runs :class:`sonicrec.predict.Predictor`'s own batch functions
+  (``predict_stored``, ``predict_each``) on each partition; :func:`predict_run_spark` writes
+  RUN/predictions/NAME.parquet (``track_id``, ``factor_0`` ...) and, through the step
+  :func:`sonicrec.predict.predict_run` uses, RUN/predictions/NAME.npz.
 
 Executors must see the audio files, the run directory and the checkpoint at the same paths as the
 driver (a shared file system), and have sonicrec installed. pyspark is the ``spark`` extra.
@@ -27,18 +29,19 @@ import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from sonicrec.catalog import Catalog
+from sonicrec.catalog import Catalog, Track
 from sonicrec.config import AudioConfig
-from sonicrec.errors import AudioError, DataError, require
-from sonicrec.features import DEFAULT_SHARD_SIZE, Extracted, IngestResult
-from sonicrec.rundir import RunDir, check_model_name
+from sonicrec.errors import DataError, MissingExtraError, require
+from sonicrec.features import DEFAULT_SHARD_SIZE, Extracted, FeatureStoreWriter, IngestResult, ingest
+from sonicrec.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,8 @@ _PANDAS_WARNINGS = ("PySpark does not yet fully support pandas", "The copy keywo
 
 
 @contextlib.contextmanager
-def _quiet_pandas_warnings() -> Iterator[None]:
+def quiet_pandas_warnings() -> Iterator[None]:
+    """Silence the warnings pyspark 4 with pandas 3 gives on every conversion (those sonicrec uses work)."""
     with warnings.catch_warnings():
         for message in _PANDAS_WARNINGS:
             warnings.filterwarnings("ignore", message, Warning)
@@ -63,13 +67,39 @@ def _quiet_pandas_warnings() -> Iterator[None]:
 
 def session(master: str, *, show_progress: bool = True):
     """(SparkSession, created): the active session, or a new one on ``master`` (``local[2]``,
-    ``spark://host:7077``, ``yarn``, ``k8s://...``). Stop it when ``created`` and done."""
-    require("pyspark", "spark")
-    from sonicrec.cf import spark_session
+    ``spark://host:7077``, ``yarn``, ``k8s://...``). Stop it when ``created`` and done.
 
+    Every Spark job of sonicrec (ALS in :mod:`sonicrec.cf`, ingest and predict here) starts Spark
+    through this, and leaves an active session open: a caller that runs several jobs starts Spark
+    once by calling this first.
+    """
+    require("pyspark", "spark")
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active, False
     if master.startswith("local") and "PYSPARK_PYTHON" not in os.environ:
         os.environ["PYSPARK_PYTHON"] = sys.executable  # local workers must import this sonicrec
-    return spark_session(master, show_progress)
+    builder = (
+        SparkSession.builder.master(master)
+        .appName("sonicrec")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", str(show_progress).lower())
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+    )
+    if master.startswith("local"):  # the driver does all the work: give it memory, few partitions
+        builder = builder.config("spark.driver.memory", "4g").config("spark.sql.shuffle.partitions", "8")
+    try:
+        with quiet_pandas_warnings():
+            spark = builder.getOrCreate()
+    except Exception as exc:  # Java missing or the master unreachable: py4j/pyspark raise many kinds
+        raise MissingExtraError(
+            f"Spark could not start on {master!r} ({type(exc).__name__}: {exc}); Spark needs Java 17+ "
+            "(JAVA_HOME) and a reachable master (cf.spark_master), or use --engine implicit"
+        ) from exc
+    spark.sparkContext.setLogLevel("WARN")
+    return spark, True
 
 
 # --- feature extraction -------------------------------------------------------------------------
@@ -110,7 +140,54 @@ def extract_features(tracks, staging: str | Path, cfg: AudioConfig, *, shard_siz
     return tracks.select("track_id", "path").mapInPandas(body, _EXTRACT_SCHEMA)
 
 
-@_quiet_pandas_warnings()
+@dataclass(frozen=True)
+class SparkExtractor:
+    """The :class:`sonicrec.features.Extractor` of :func:`sonicrec.features.ingest` on Spark.
+
+    One job extracts every track (:func:`extract_features`) into staging stores inside the run's
+    store; their shards are then moved into the store (the index commit) before any result is
+    given, so a strict ingest records every result before it raises.
+    """
+
+    master: str
+    partitions: int | None = None  # None = max(default parallelism, tracks / (4 shard_size))
+    show_progress: bool = True
+    name: str = "spark"
+    stops_early: bool = False
+
+    def extract(
+        self, tracks: Sequence[Track], cfg: AudioConfig, store: FeatureStoreWriter
+    ) -> Iterator[Extracted]:
+        for stale in store.root.glob(f"{_STAGING_PREFIX}*"):  # left by an interrupted job
+            log.info("removing %s left by an interrupted Spark ingest", stale)
+            shutil.rmtree(stale)
+        if not tracks:
+            return
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=store.root))
+        try:
+            results = self._extract_into(staging, tracks, cfg, shard_size=store.shard_size)
+            for part in sorted(set(results["staging"])):  # the index commit
+                store.adopt(part)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        yield from map(_as_extracted, results.itertuples())
+
+    @quiet_pandas_warnings()
+    def _extract_into(
+        self, staging: Path, tracks: Sequence[Track], cfg: AudioConfig, *, shard_size: int
+    ) -> pd.DataFrame:
+        """The result rows of :func:`extract_features` over ``tracks``, run on this engine's master."""
+        spark, created = session(self.master, show_progress=self.show_progress)
+        try:
+            default = max(spark.sparkContext.defaultParallelism, -(-len(tracks) // (4 * shard_size)))
+            frame = pd.DataFrame([(t.track_id, t.path) for t in tracks], columns=["track_id", "path"])
+            frame = spark.createDataFrame(frame).repartition(self.partitions or default)
+            return extract_features(frame, staging, cfg, shard_size=shard_size).toPandas()
+        finally:
+            if created:
+                spark.stop()
+
+
 def ingest_run_spark(
     run: RunDir | str | Path,
     cfg: AudioConfig | None = None,
@@ -122,53 +199,18 @@ def ingest_run_spark(
     show_progress: bool = True,
     shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> IngestResult:
-    """:func:`sonicrec.features.ingest_run` as a Spark job: the catalog's pending tracks in, shards out.
+    """:func:`sonicrec.features.ingest` as a Spark job (:class:`SparkExtractor`).
 
-    Parameters
-    ----------
-    run : the run directory (catalog read, RUN/features written; on a cluster, a shared path).
-    cfg : audio settings; None = ``Config.load(RUN/config.toml).audio`` or the defaults.
-    master : Spark master; None = ``cf.spark_master`` of the run's config.
-    partitions : Spark tasks; None = max(default parallelism, tracks / (4 shard_size)).
-    strict : after the job, raise the first failure as :class:`AudioError` (the tracks extracted
-        are kept either way).
+    ``master``: None = ``cf.spark_master`` of the run's config. ``partitions``: Spark tasks.
+    ``strict``: after the job, raise the first failure (the tracks extracted are kept either way).
+    On a cluster the run directory is a shared path.
     """
-    from sonicrec.features import FeatureStoreWriter, mark_extracted, tracks_to_extract
-
     run = run if isinstance(run, RunDir) else RunDir(run)
-    config = run.read_config()
-    cfg = cfg or config.audio
-    writer = FeatureStoreWriter(run.features, cfg, shard_size=shard_size)
-    for stale in run.features.glob(f"{_STAGING_PREFIX}*"):  # left by an interrupted job
-        log.info("removing %s left by an interrupted Spark ingest", stale)
-        shutil.rmtree(stale)
-    with Catalog(run.catalog) as catalog, writer as store:
-        todo = tracks_to_extract(catalog, store, retry_failed=retry_failed)
-        skipped = len(catalog) - len(todo)
-        log.info("spark ingest: %d tracks to extract, %d already done or failed", len(todo), skipped)
-        if not todo:
-            return IngestResult(ok=0, failed=0, skipped=skipped)
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=run.features))
-        spark, created = session(master or config.cf.spark_master, show_progress=show_progress)
-        try:
-            n = partitions or max(spark.sparkContext.defaultParallelism, -(-len(todo) // (4 * shard_size)))
-            frame = pd.DataFrame({"track_id": [t.track_id for t in todo], "path": [t.path for t in todo]})
-            tracks = spark.createDataFrame(frame).repartition(n)
-            results = extract_features(tracks, staging, cfg, shard_size=shard_size).toPandas()
-            for part in sorted(set(results["staging"])):  # the index commit
-                store.adopt(part)
-        finally:
-            if created:
-                spark.stop()
-            shutil.rmtree(staging, ignore_errors=True)
-        by_id = {t.track_id: t for t in todo}
-        catalog.upsert(mark_extracted(by_id[r.track_id], _as_extracted(r)) for r in results.itertuples())
-    failures = results["error"].dropna()
-    for reason in failures:
-        log.warning("%s", reason)
-    if strict and len(failures):
-        raise AudioError(f"{failures.iloc[0]} (--strict: {len(failures)} track(s) failed)")
-    return IngestResult(ok=len(results) - len(failures), failed=len(failures), skipped=skipped)
+    extractor = SparkExtractor(master or run.read_config().cf.spark_master, partitions, show_progress)
+    return ingest(
+        run, extractor, cfg, strict=strict, retry_failed=retry_failed, show_progress=show_progress,
+        shard_size=shard_size,
+    )
 
 
 def _as_extracted(row) -> Extracted:
@@ -187,35 +229,21 @@ def _as_extracted(row) -> Extracted:
 def _predict_partition(
     batches: Iterator[pd.DataFrame], *, checkpoint: str, store: str | None, batch_size: int
 ) -> Iterator[pd.DataFrame]:
-    """mapInPandas body: factors of each track from the store (``store``) or its audio file."""
-    from sonicrec.audio import file_to_logmel
+    """mapInPandas body: factors of each track from the store (``store``) or its audio file, by the
+    Predictor's own batch functions."""
     from sonicrec.features import FeatureStore
-    from sonicrec.predict import Predictor, finite_rows
+    from sonicrec.predict import Predictor
 
     predictor = Predictor.load(checkpoint)
     features = FeatureStore(store) if store is not None else None
     for batch in batches:
-        for start in range(0, len(batch), batch_size):
-            chunk = batch.iloc[start : start + batch_size]
-            ids = chunk["track_id"].tolist()
-            errors: list[str | None] = [None] * len(ids)
-            if features is not None:
-                x = features.get_many(ids)  # (B, n_mels, n_frames) float16
-                finite = finite_rows(x)
-                for i in np.flatnonzero(~finite):
-                    errors[i] = f"track {ids[i]}: its stored features are not finite"
-                x = x[finite] if finite.any() else None
-            else:
-                logmels = []
-                for i, path in enumerate(chunk["path"]):
-                    try:
-                        logmels.append(file_to_logmel(path, predictor.config.audio))
-                    except AudioError as exc:
-                        errors[i] = str(exc)
-                x = np.stack(logmels) if logmels else None
-            predicted = iter(predictor.predict_logmel(x, batch_size=batch_size) if x is not None else [])
-            factors = [None if error else next(predicted) for error in errors]
-            yield pd.DataFrame({"track_id": ids, "error": errors, "factors": factors})
+        ids = batch["track_id"].tolist()
+        if features is None:
+            result = predictor.predict_each(batch["path"].tolist(), batch_size=batch_size)
+        else:
+            result = predictor.predict_stored(features, ids, batch_size=batch_size)
+        factors, errors = result.per_input(len(ids))
+        yield pd.DataFrame({"track_id": ids, "error": errors, "factors": factors})
 
 
 def predict_frame(tracks, checkpoint: str | Path, *, store: str | Path | None = None, batch_size: int = 64):
@@ -233,7 +261,7 @@ def predict_frame(tracks, checkpoint: str | Path, *, store: str | Path | None = 
     return tracks.select(*columns).mapInPandas(body, _PREDICT_SCHEMA)
 
 
-@_quiet_pandas_warnings()
+@quiet_pandas_warnings()
 def predict_run_spark(
     run: RunDir | str | Path,
     name: str,
@@ -257,39 +285,18 @@ def predict_run_spark(
     -------
     (parquet folder, npz file)
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
+    from sonicrec.predict import Predictor, run_checkpoint, save_run_predictions
 
-    from sonicrec.factors import Predictions
-    from sonicrec.features import FeatureStore
-    from sonicrec.predict import Predictor
-
-    run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    check_model_name(name)
-    checkpoint = Path(checkpoint or run.checkpoint(name))
+    run, checkpoint = run_checkpoint(run, name, checkpoint)
     n_factors = Predictor.load(checkpoint, device="cpu").n_factors  # fails early on a bad checkpoint
-    config = run.read_config()
-    if from_audio:
-        with Catalog(run.catalog) as catalog:
-            ok = [(t.track_id, t.path) for t in catalog.tracks("ok")]
-        frame = pd.DataFrame(ok, columns=["track_id", "path"])
-        store = None
-    else:
-        frame = pd.DataFrame({"track_id": FeatureStore(run.features).track_ids})
-        store = run.features
-    if frame.empty:
-        raise DataError(f"no tracks to predict in {run.root}: run sonicrec ingest first")
+    frame, store = _tracks_to_predict(run, from_audio=from_audio)
     parquet = run.predictions / f"{name}.parquet"
     staged = run.predictions / f".{name}.parquet.{uuid.uuid4().hex}"
-    spark, created = session(master or config.cf.spark_master, show_progress=show_progress)
+    spark, created = session(master or run.read_config().cf.spark_master, show_progress=show_progress)
     try:
         tracks = spark.createDataFrame(frame).repartition(partitions or spark.sparkContext.defaultParallelism)
         out = predict_frame(tracks, checkpoint, store=store, batch_size=batch_size)
-        out = out.persist(StorageLevel.MEMORY_AND_DISK)
-        columns = [F.col("factors")[j].alias(f"factor_{j}") for j in range(n_factors)]
-        out.where(F.col("error").isNull()).select("track_id", *columns).write.parquet(str(staged.resolve()))
-        failures = out.where(F.col("error").isNotNull()).select("track_id", "error").toPandas()
-        out.unpersist()
+        failures = _write_factor_columns(out, staged, n_factors)
     finally:
         if created:
             spark.stop()
@@ -298,11 +305,37 @@ def predict_run_spark(
     _replace_folder(staged, parquet)
     table = pd.read_parquet(parquet).set_index("track_id")
     table = table.reindex([t for t in frame["track_id"] if t in table.index])  # the store's order
-    path = run.prediction(name)
-    Predictions(table.index.to_numpy(dtype=str), table.to_numpy(np.float32)).save(path)
-    log.info("predicted %d tracks with %s (%d failed) -> %s, %s", len(table), name, len(failures), parquet,
-             path)
+    path = save_run_predictions(run, name, table.index.to_numpy(dtype=str), table.to_numpy(np.float32))
+    log.info("spark prediction: %d tracks failed; factors also in %s", len(failures), parquet)
     return parquet, path
+
+
+def _tracks_to_predict(run: RunDir, *, from_audio: bool) -> tuple[pd.DataFrame, Path | None]:
+    """(``track_id`` [, ``path``] frame, feature store or None): the stored tracks, or with
+    ``from_audio`` the catalog's ``ok`` tracks and their files."""
+    from sonicrec.predict import stored_tracks
+
+    if not from_audio:
+        return pd.DataFrame({"track_id": stored_tracks(run).track_ids}), run.features
+    with Catalog(run.catalog) as catalog:
+        ok = [(t.track_id, t.path) for t in catalog.tracks("ok")]
+    if not ok:
+        raise DataError(f"no tracks to predict in {run.root}: run sonicrec ingest first")
+    return pd.DataFrame(ok, columns=["track_id", "path"]), None
+
+
+def _write_factor_columns(out, folder: Path, n_factors: int) -> pd.DataFrame:
+    """Write the successful rows of a :func:`predict_frame` result as Parquet ``folder`` (``track_id``,
+    ``factor_0`` ...); returns the failed rows (``track_id``, ``error``)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    out = out.persist(StorageLevel.MEMORY_AND_DISK)
+    columns = [F.col("factors")[j].alias(f"factor_{j}") for j in range(n_factors)]
+    out.where(F.col("error").isNull()).select("track_id", *columns).write.parquet(str(folder.resolve()))
+    failures = out.where(F.col("error").isNotNull()).select("track_id", "error").toPandas()
+    out.unpersist()
+    return failures
 
 
 def _replace_folder(new: Path, old: Path) -> None:
