@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from sonicrec.audio import track_excerpt_start
 from sonicrec.config import AudioConfig
 from sonicrec.errors import DataError, SonicrecError
-from sonicrec.evaluate import marked_simulated
 from sonicrec.factors import unit_rows
+from sonicrec.interactions import marked_simulated
 from sonicrec.io import atomic_write_text
 from sonicrec.model import AudioCNN
 from sonicrec.plotting import plot_filters, plot_latent_map

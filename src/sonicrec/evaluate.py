@@ -48,7 +48,7 @@ import scipy.sparse as sp
 from sonicrec.bootstrap import DEFAULT_RESAMPLES, LEVEL, bootstrap_means
 from sonicrec.errors import DataError
 from sonicrec.factors import Factors, Predictions, unit_rows
-from sonicrec.interactions import PlayMatrix, read_play_matrix
+from sonicrec.interactions import PlayMatrix, marked_simulated, read_play_matrix
 from sonicrec.io import atomic_write_json, atomic_write_text
 from sonicrec.rundir import RunDir
 
@@ -678,17 +678,3 @@ def evaluate_run(
     if not missing:
         plot_results(results, out / "results.png")
     return results
-
-
-#: Parquet key-value metadata of a plays file whose plays are SIMULATED (the demo world sets it).
-SIMULATED_MARK = {b"simulated": b"true"}
-
-
-def marked_simulated(path: Path) -> bool:
-    """Whether the plays file ``path`` is marked simulated (:data:`SIMULATED_MARK`); False if absent."""
-    import pyarrow.parquet as pq
-
-    if not Path(path).is_file():
-        return False
-    metadata = pq.read_schema(path).metadata or {}
-    return all(metadata.get(key) == value for key, value in SIMULATED_MARK.items())

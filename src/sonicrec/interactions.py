@@ -247,6 +247,20 @@ def read_play_matrix(
     return matrix
 
 
+#: Parquet key-value metadata of a plays file whose plays are SIMULATED (the demo world sets it).
+SIMULATED_MARK = {b"simulated": b"true"}
+
+
+def marked_simulated(path: str | Path) -> bool:
+    """Whether the plays file ``path`` is marked simulated (:data:`SIMULATED_MARK`); False if absent."""
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        return False
+    metadata = pq.read_schema(path).metadata or {}
+    return all(metadata.get(key) == value for key, value in SIMULATED_MARK.items())
+
+
 def write_plays(
     plays: PlayMatrix | pd.DataFrame, path: str | Path, *, metadata: Mapping[bytes, bytes] | None = None
 ) -> None:

@@ -333,7 +333,7 @@ def plot_curve(rows: list[dict], path: Path, *, title: str) -> None:
 
 def warmup_curve_run(run: RunDir | str | Path, model: str = "cnn-mse", *, seed: int = 0) -> list[dict]:
     """The warm-up curve of a run's model; writes RUN/evaluation/warmup.json, warmup.md, warmup.png."""
-    from sonicrec.evaluate import marked_simulated
+    from sonicrec.interactions import marked_simulated
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = run.read_config()

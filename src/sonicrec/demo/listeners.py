@@ -166,7 +166,7 @@ class SimulatedListening:
         log.info("wrote SIMULATED plays to %s and simulated users to %s", run.plays, run.users)
 
     def _file_metadata(self) -> dict[bytes, bytes]:
-        from sonicrec.evaluate import SIMULATED_MARK
+        from sonicrec.interactions import SIMULATED_MARK
 
         parameters = json.dumps(self.parameters, sort_keys=True).encode()
         return {**SIMULATED_MARK, b"sonicrec.simulation": parameters}
