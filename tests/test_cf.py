@@ -279,5 +279,5 @@ def test_spark_engine_matches_implicit_quality():
 
 
 def test_missing_run_factors_message(tmp_path):
-    with pytest.raises(DataError, match="sonicrec factorize"):
+    with pytest.raises(DataError, match="factorize the play counts"):
         Factors.load(Path(tmp_path) / "cf" / "factors.npz")

@@ -46,7 +46,7 @@ def test_lookup_and_validation():
 
 
 def test_missing_file_says_what_to_do(tmp_path):
-    with pytest.raises(DataError, match="sonicrec factorize"):
+    with pytest.raises(DataError, match="factorize the play counts"):
         Factors.load(tmp_path / "nope.npz")
 
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from sonicrec.audio import track_excerpt_start
 from sonicrec.config import AudioConfig
-from sonicrec.errors import DataError, SonicrecError
+from sonicrec.errors import DataError, SetOption, SonicrecError
 from sonicrec.factors import unit_rows
 from sonicrec.interactions import marked_simulated
 from sonicrec.io import atomic_write_text
@@ -483,8 +483,8 @@ def _report_inputs(
     pool_ids = _track_set(run, store, tracks)
     if len(pool_ids) < length:
         raise DataError(
-            f"only {len(pool_ids)} {tracks} track(s) have features, fewer than a playlist of {length}: "
-            "choose --tracks all or a shorter --length"
+            f"only {len(pool_ids)} {tracks} track(s) have features, fewer than a playlist of {length}",
+            remedy=SetOption("tracks", "all"),
         )
     map_ids = _map_tracks(store.track_ids, pool_ids, max_map_tracks, seed)
     return _ReportInputs(predictor.model, predictor.config.audio, frame, store, pool_ids, map_ids)

@@ -27,7 +27,7 @@ import scipy.sparse
 
 from sonicrec.config import AudioConfig
 from sonicrec.decode import AUDIO_EXTENSIONS, AudioSource  # noqa: F401 (AUDIO_EXTENSIONS: re-exported)
-from sonicrec.errors import AudioError
+from sonicrec.errors import AudioError, CheckFile
 from sonicrec.excerpt import block_levels, most_active_start, mostly_silent
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
     try:
         with open(path, "rb") as fh:
             if not fh.read(1):
-                raise AudioError(f"{path}: empty file (0 bytes); re-export it or remove it")
+                raise AudioError(f"{path}: empty file (0 bytes)", remedy=CheckFile())
     except OSError as exc:
         raise AudioError(f"{path}: cannot read ({exc.strerror}); check the path and permissions") from exc
     with AudioSource(path) as src:
@@ -150,7 +150,7 @@ def load_excerpt(path: str | Path, cfg: AudioConfig) -> Excerpt:
     if peak < SILENCE_PEAK:
         raise AudioError(
             f"{path}: silent throughout (peak {peak:.1e} at the loudest {cfg.excerpt_seconds:g} s, "
-            f"from {offset:.1f} s); check the file or remove it"
+            f"from {offset:.1f} s)", remedy=CheckFile(),
         )
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     return Excerpt(samples, src.duration, offset, padded, src.decoder, tuple(src.notes))

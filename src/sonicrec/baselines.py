@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sonicrec.errors import DataError
+from sonicrec.errors import DataError, RunStage
 from sonicrec.factors import Factors, Predictions
 from sonicrec.rundir import RunDir
 
@@ -194,8 +194,8 @@ def fit_bag_of_words_baselines(
     train = np.intersect1d(factors.songs("train"), track_ids)
     if len(train) < MIN_TRAIN_SONGS:
         raise DataError(
-            f"only {len(train)} training songs have log-mel features (need {MIN_TRAIN_SONGS}): "
-            "run `sonicrec ingest` and `sonicrec factorize` on the same catalog first"
+            f"only {len(train)} training songs have log-mel features (need {MIN_TRAIN_SONGS}): the "
+            "features and the factors must be of the same catalog", remedy=RunStage("ingest"),
         )
     vocabulary = fit_vocabulary(store, train, cfg, seed=seed, show_progress=show_progress)
     features = bag_of_words(store, track_ids, vocabulary, cfg, show_progress=show_progress)

@@ -35,7 +35,7 @@ import pandas as pd
 from scipy import sparse
 
 from sonicrec.config import CFConfig
-from sonicrec.errors import DataError
+from sonicrec.errors import DataError, RunStage
 from sonicrec.factors import SPLITS, Factors
 from sonicrec.interactions import PlayMatrix, read_play_matrix, split_songs
 from sonicrec.rundir import RunDir
@@ -155,9 +155,7 @@ def factorize_run(
     elif run.plays.is_file():
         matrix = read_play_matrix(run.plays, "parquet", on_bad="error", show_progress=show_progress)
     else:
-        raise DataError(
-            f"no play counts at {run.plays}: run `sonicrec demo` or `sonicrec factorize --plays FILE`"
-        )
+        raise DataError(f"no play counts at {run.plays}", remedy=RunStage("plays", run.root))
     split = split_songs(
         matrix.n_songs, valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed
     )

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sonicrec.config import Config
-from sonicrec.errors import ConfigError, DataError
+from sonicrec.errors import ConfigError, DataError, RunStage
 from sonicrec.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"no model checkpoint at {path}: train the model first (`sonicrec train`)")
+        raise DataError(f"no model checkpoint at {path}", remedy=RunStage("train"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: torch raises many kinds, over many lines

@@ -3,12 +3,14 @@
 Heavy libraries (torch, implicit, music21 ...) are imported inside the command functions only, so
 ``sonicrec --help`` stays fast. Each command is a pair: ``_add_NAME(subparsers)`` declares its
 arguments and ``_run_NAME(args)`` does the work; ``_COMMANDS`` lists them in help order.
-Errors the user can fix (``SonicrecError``) print one line and exit with status 2.
+Errors the user can fix (``SonicrecError``) print one line (:func:`error_line`: the library's
+remedy phrased as the command and flags to use) and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -16,9 +18,54 @@ from pathlib import Path
 
 from sonicrec import __version__
 from sonicrec.config import TRAIN_LOSSES, check_seed
-from sonicrec.errors import ConfigError, SonicrecError
+from sonicrec.errors import ChooseOutput, ConfigError, Remedy, RunStage, SetOption, SonicrecError
 
 log = logging.getLogger("sonicrec")
+
+#: The command that runs each stage of ``errors.STAGES``.
+_STAGE_COMMANDS = {
+    "ingest": "sonicrec ingest PATH... --out {run}",
+    "plays": "sonicrec factorize --plays FILE --out {run}",
+    "factorize": "sonicrec factorize {run}",
+    "train": "sonicrec train {run}",
+    "predict": "sonicrec predict {run} --catalog --name {model}",
+}
+
+#: Library options the command line sets with flags: (key, value) -> advice.
+_OPTION_ADVICE = {
+    ("cf.engine", "implicit"): "or use --engine implicit",
+    ("on_bad", "skip"): "or skip them: leave out --strict",
+    ("user_col/track_col/count_col", None):
+        "name the user/track/count columns (--user-col/--track-col/--count-col)",
+    ("tracks", "all"): "choose --tracks all or a shorter --length",
+}
+
+
+def _remedy_advice(remedy: Remedy) -> str:
+    """A library remedy as the command or flags to use."""
+    if isinstance(remedy, RunStage):
+        command = _STAGE_COMMANDS[remedy.stage].format(run=remedy.run or "RUN", model=remedy.model or "MODEL")
+        return f"run `{command}` first"
+    if isinstance(remedy, ChooseOutput):
+        extra = ", or empty it" if remedy.or_empty else ""
+        extra += ", or replace them with --force" if remedy.or_replace else ""
+        return f"choose another --out{extra}"
+    if isinstance(remedy, SetOption):
+        default = f"set {remedy.key} in RUN/config.toml"
+        return _OPTION_ADVICE.get((remedy.key, remedy.value), default)
+    return "check the file or remove it"
+
+
+def error_line(exc: SonicrecError) -> str:
+    """The message of ``exc`` with its remedy phrased for the command line."""
+    if exc.remedy is None:
+        return str(exc)
+    return f"{exc.message}; {_remedy_advice(exc.remedy)}"
+
+
+def _with_options(section, **options):
+    """The config dataclass ``section`` with the options given on the command line (not None) set."""
+    return dataclasses.replace(section, **{k: v for k, v in options.items() if v is not None})
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -259,43 +306,29 @@ def _add_factorize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_factorize(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from sonicrec.cf import evaluate_heldout, factorize_run
-    from sonicrec.errors import ConfigError, OutputDirError
-    from sonicrec.interactions import read_play_matrix, write_plays
+    from sonicrec.errors import ConfigError
+    from sonicrec.interactions import import_plays_run, read_play_matrix
     from sonicrec.rundir import RunDir
 
     if (args.plays is None) == (args.run_dir is None):
         raise ConfigError("give either RUN_DIR or --plays FILE --out DIR")
     if args.plays is not None and args.out is None:
         raise ConfigError("--plays needs --out DIR: the run directory to write")
-    run = RunDir.prepare(args.out) if args.plays is not None else RunDir(args.run_dir)
-    if args.plays is not None and run.plays.is_file():
-        if not args.force:
-            raise OutputDirError(
-                f"{run.root} already holds play counts ({run.plays.name}) and what was made from them: "
-                "factorize it with `sonicrec factorize RUN`, choose another --out, or replace them "
-                "with --force"
-            )
-        log.warning("replacing the play counts of %s: its models and predictions no longer match", run.root)
-    cfg = run.read_config()
-    overrides = {
-        "engine": args.engine, "spark_master": args.spark_master, "factors": args.factors,
-        "alpha": args.alpha, "epsilon": args.epsilon, "regularization": args.reg,
-        "iterations": args.iterations, "seed": args.seed,
-    }
-    cf = dataclasses.replace(cfg.cf, **{k: v for k, v in overrides.items() if v is not None})
-    on_bad = "error" if args.strict else "skip"
     if args.plays is not None:
-        plays = read_play_matrix(
-            args.plays, args.format, user_col=args.user_col, track_col=args.track_col,
-            count_col=args.count_col or None, delimiter=args.delimiter, on_bad=on_bad,
-            show_progress=args.progress,
+        plays = import_plays_run(
+            args.out, args.plays, args.format, replace=args.force, user_col=args.user_col,
+            track_col=args.track_col, count_col=args.count_col or None, delimiter=args.delimiter,
+            on_bad="error" if args.strict else "skip", show_progress=args.progress,
         )
-        write_plays(plays, run.plays)
-    else:
+    run = RunDir(args.out if args.plays is not None else args.run_dir)
+    if args.plays is None:
         plays = read_play_matrix(run.plays, "parquet", on_bad="error", show_progress=args.progress)
+    cfg = run.read_config()
+    cf = _with_options(
+        cfg.cf, engine=args.engine, spark_master=args.spark_master, factors=args.factors, alpha=args.alpha,
+        epsilon=args.epsilon, regularization=args.reg, iterations=args.iterations, seed=args.seed,
+    )
     cfg = cfg.replace(cf=cf)
     cfg.save(run.config)  # the config the factors were made with
     factors = factorize_run(run, cf, plays=plays, show_progress=args.progress)
@@ -550,13 +583,9 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_baselines(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from sonicrec.baselines import BagOfWordsConfig, fit_baselines_run
 
-    cfg = BagOfWordsConfig()
-    if args.words:
-        cfg = dataclasses.replace(cfg, n_words=args.words)
+    cfg = _with_options(BagOfWordsConfig(), n_words=args.words)
     paths = fit_baselines_run(args.run_dir, seed=args.seed, show_progress=args.progress, cfg=cfg)
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -733,8 +762,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from sonicrec.config import ModelConfig
     from sonicrec.rundir import RunDir
     from sonicrec.train import default_model_name, distributed_rank, train_run
@@ -745,12 +772,11 @@ def _run_train(args: argparse.Namespace) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     run = RunDir(args.run_dir)
     cfg = run.read_config()
-    overrides = {
-        "loss": args.loss, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
-        "optimizer": args.optimizer, "num_workers": args.workers, "device": args.device, "seed": args.seed,
-        "rank_weight": args.rank_weight, "rank_users": args.rank_users,
-    }
-    train = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
+    train = _with_options(
+        cfg.train, loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        optimizer=args.optimizer, num_workers=args.workers, device=args.device, seed=args.seed,
+        rank_weight=args.rank_weight, rank_users=args.rank_users,
+    )
     model = ModelConfig.small() if args.small else cfg.model
     result = train_run(
         run, cfg.replace(train=train, model=model), name=args.name or default_model_name(train.loss),
@@ -1027,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except SonicrecError as exc:
-        print(f"sonicrec {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sonicrec {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sonicrec {args.command}: interrupted", file=sys.stderr)

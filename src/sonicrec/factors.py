@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sonicrec.errors import DataError, UnknownIdError
+from sonicrec.errors import DataError, RunStage, UnknownIdError
 from sonicrec.io import atomic_save_npz, load_npz
 
 SPLITS = ("train", "valid", "test")
@@ -102,7 +102,7 @@ class Factors:
         try:
             data = load_npz(path)
         except (FileNotFoundError, NotADirectoryError):
-            raise DataError(f"no factors at {path}: run `sonicrec factorize` first") from None
+            raise DataError(f"no factors at {path}", remedy=RunStage("factorize")) from None
         return cls(
             user_ids=data["user_ids"],
             song_ids=data["song_ids"],

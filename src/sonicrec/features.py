@@ -29,7 +29,15 @@ import numpy as np
 
 from sonicrec.catalog import Catalog, Track
 from sonicrec.config import AudioConfig
-from sonicrec.errors import AudioError, ConfigError, DataError, OutputDirError, UnknownIdError
+from sonicrec.errors import (
+    AudioError,
+    ChooseOutput,
+    ConfigError,
+    DataError,
+    OutputDirError,
+    RunStage,
+    UnknownIdError,
+)
 from sonicrec.io import atomic_path, atomic_write_text
 from sonicrec.rundir import RunDir
 
@@ -83,7 +91,7 @@ class FeatureStore:
         self.root = Path(root)
         meta_path = self.root / "store.json"
         if not meta_path.is_file():
-            raise DataError(f"{self.root}: not a feature store (no store.json); run `sonicrec ingest` first")
+            raise DataError(f"{self.root}: not a feature store (no store.json)", remedy=RunStage("ingest"))
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         self.n_mels: int = meta["n_mels"]
         self.n_frames: int = meta["n_frames"]
@@ -171,7 +179,7 @@ class FeatureStoreWriter:
                 )
             return
         if any(self.root.iterdir()):
-            raise DataError(f"{self.root} is not empty and is not a feature store: choose another directory")
+            raise DataError(f"{self.root} is not empty and is not a feature store", remedy=ChooseOutput())
         meta = {
             "format": FORMAT_VERSION, "dtype": np.dtype(DTYPE).name, "n_mels": self.cfg.n_mels,
             "n_frames": self.cfg.n_frames, "shard_size": self.shard_size, "audio": audio,
@@ -522,7 +530,7 @@ def ingest_report(run: RunDir | str | Path) -> IngestReport:
     """What the ingests of a run have done so far (read from RUN/catalog.sqlite)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.catalog.is_file():
-        raise OutputDirError(f"{run.root}: no catalog.sqlite; run `sonicrec ingest PATH... --out RUN`")
+        raise OutputDirError(f"{run.root}: no catalog.sqlite", remedy=RunStage("ingest", run.root))
     with Catalog(run.catalog) as catalog:
         failed = [
             {"track_id": t.track_id, "path": t.path, "error": t.error} for t in catalog.tracks("failed")

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from sonicrec.errors import DataError
+from sonicrec.errors import ChooseOutput, DataError, OutputDirError, SetOption
 from sonicrec.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,8 @@ def read_play_matrix(
             raise DataError(f"{path}: count(s) above {MAX_COUNT:,} plays ({shown}): not play counts")
         if batch.n_bad and on_bad == "error":
             raise DataError(
-                f"{path}: malformed row(s): " + "; ".join(examples)
-                + " -- fix or remove them, or skip them (on_bad='skip', CLI without --strict)"
+                f"{path}: malformed row(s): " + "; ".join(examples) + " -- fix or remove them",
+                remedy=SetOption("on_bad", "skip"),
             )
         rows.append(users.encode(batch.users))
         cols.append(songs.encode(batch.items))
@@ -282,6 +282,42 @@ def write_plays(
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def import_plays_run(
+    run: str | Path,
+    source: str | Path,
+    fmt: str = "triplets",
+    *,
+    replace: bool = False,
+    user_col: str = "user_id",
+    track_col: str = "track_id",
+    count_col: str | None = "count",
+    delimiter: str | None = None,
+    on_bad: str = "skip",
+    show_progress: bool = True,
+) -> PlayMatrix:
+    """Read the play-count file ``source`` (as :func:`read_play_matrix`) into RUN/plays.parquet.
+
+    The run directory ``run`` is created if needed. One that already holds play counts is refused
+    unless ``replace``: its factors, models and predictions then no longer match its plays.
+    """
+    from sonicrec.rundir import RunDir
+
+    run = RunDir.prepare(run)
+    if run.plays.is_file():
+        if not replace:
+            raise OutputDirError(
+                f"{run.root} already holds play counts ({run.plays.name}) and what was made from them",
+                remedy=ChooseOutput(or_replace=True),
+            )
+        log.warning("replacing the play counts of %s: its models and predictions no longer match", run.root)
+    plays = read_play_matrix(
+        source, fmt, user_col=user_col, track_col=track_col, count_col=count_col, delimiter=delimiter,
+        on_bad=on_bad, show_progress=show_progress,
+    )
+    write_plays(plays, run.plays)
+    return plays
 
 
 def split_songs(
@@ -398,8 +434,8 @@ def _text_batches(path, fmt, user_col, track_col, count_col, delimiter, show_pro
             missing = [c for c in wanted if c not in names]
             if missing:
                 raise DataError(
-                    f"{path}: no column(s) {missing} in the header {names}; "
-                    "name the user/track/count columns (--user-col/--track-col/--count-col)"
+                    f"{path}: no column(s) {missing} in the header {names}",
+                    remedy=SetOption("user_col/track_col/count_col"),
                 )
             line0 = 2
             progress.update(len(header))
@@ -564,8 +600,8 @@ def _parquet_batches(path, user_col, track_col, count_col, show_progress) -> Ite
     missing = [c for c in wanted if c not in file.schema_arrow.names]
     if missing:
         raise DataError(
-            f"{path}: no column(s) {missing} among {file.schema_arrow.names}; "
-            "name the user/track/count columns (--user-col/--track-col/--count-col)"
+            f"{path}: no column(s) {missing} among {file.schema_arrow.names}",
+            remedy=SetOption("user_col/track_col/count_col"),
         )
     _check_parquet_types(file.schema_arrow, path, ids=(user_col, track_col), count=count_col)
     row0 = 1

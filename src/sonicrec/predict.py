@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sonicrec.checkpoint import checkpoint_config, load_checkpoint
 from sonicrec.config import Config
-from sonicrec.errors import AudioError, DataError
+from sonicrec.errors import AudioError, DataError, RunStage
 from sonicrec.factors import Factors, Predictions
 from sonicrec.familiarity import Familiarity, FamiliarityScores
 from sonicrec.model import AudioCNN, select_device
@@ -327,7 +327,7 @@ def stored_tracks(run: RunDir) -> FeatureStore:
 
     store = FeatureStore(run.features)
     if len(store) == 0:
-        raise DataError(f"the feature store {run.features} is empty: run sonicrec ingest first")
+        raise DataError(f"the feature store {run.features} is empty", remedy=RunStage("ingest", run.root))
     return store
 
 

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 
 from sonicrec.catalog import Catalog
 from sonicrec.config import IndexConfig
-from sonicrec.errors import DataError, UnknownIdError
+from sonicrec.errors import DataError, RunStage, UnknownIdError
 from sonicrec.factors import Factors, Predictions, unit_rows
 from sonicrec.hubness import Moments, mutual_proximity
 from sonicrec.index import VectorIndex
@@ -217,9 +217,9 @@ class Recommender:
         if not path.exists():
             known = sorted(p.stem for p in run.predictions.glob("*.npz"))
             raise DataError(
-                f"no predictions of model {model!r} at {path}: run `sonicrec predict {run.root} "
-                f"--catalog --name {model}` first"
-                + (f" or choose one of: {', '.join(known)}" if known else "")
+                f"no predictions of model {model!r} at {path}"
+                + (f" (there are: {', '.join(known)})" if known else ""),
+                remedy=RunStage("predict", run.root, model),
             )
         predictions = Predictions.load(path, n_factors=factors.n_factors)
         predicted_ids, predicted = predictions.song_ids, predictions.factors
@@ -298,7 +298,7 @@ class Recommender:
         ``raw``.
         """
         if not self.factors.has_users:
-            raise DataError("this run has song factors but no user factors (imported without --users): "
+            raise DataError("this run has song factors but no user factors (imported without user factors): "
                             "it cannot rank users")
         y, track = self._song_vector(song)
         listeners = ()
@@ -356,7 +356,7 @@ class Recommender:
         if have.sum() < 3:
             raise DataError(
                 f"flag_outliers needs at least 3 songs with audio-predicted factors, got {int(have.sum())} "
-                f"of {len(ids)}: run `sonicrec predict` for the missing songs"
+                f"of {len(ids)}", remedy=RunStage("predict"),
             )
         p = self._predicted_unit[rows[have]]  # (m, k)
         others = (p.sum(axis=0) - p) / (len(p) - 1)  # (m, k) mean of the other songs

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sonicrec.errors import ConfigError, OutputDirError
+from sonicrec.errors import ChooseOutput, ConfigError, OutputDirError
 
 if TYPE_CHECKING:
     from sonicrec.config import Config
@@ -55,18 +55,18 @@ class RunDir:
         root = Path(root)
         if root.exists():
             if not root.is_dir():
-                raise OutputDirError(f"{root} exists and is not a directory: choose another --out")
+                raise OutputDirError(f"{root} exists and is not a directory", remedy=ChooseOutput())
             if any(root.iterdir()) and not (root / MARKER).is_file():
                 raise OutputDirError(
-                    f"{root} is not empty and holds no sonicrec run ({MARKER} missing): "
-                    "choose another --out, or empty it"
+                    f"{root} is not empty and holds no sonicrec run ({MARKER} missing)",
+                    remedy=ChooseOutput(or_empty=True),
                 )
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputDirError(f"cannot create {root}: {exc.strerror}") from exc
         if not os.access(root, os.W_OK | os.X_OK):
-            raise OutputDirError(f"{root} is not writable: choose another --out")
+            raise OutputDirError(f"{root} is not writable", remedy=ChooseOutput())
         return cls(root)
 
     def read_config(self) -> Config:

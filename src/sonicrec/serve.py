@@ -238,7 +238,7 @@ class UploadWorker:
                 raise AudioError(f"{name}: decoding took longer than {self.timeout_s:g} s and was stopped; "
                                  "upload a shorter file or a common format") from None
             except AudioError as exc:
-                raise AudioError(str(exc).replace(str(path), name)) from None
+                raise AudioError(exc.message.replace(str(path), name), remedy=exc.remedy) from None
             except Exception as exc:  # the process died or the decoder failed unexpectedly
                 await self._restart()
                 raise AudioError(f"{name}: cannot decode this file ({type(exc).__name__})") from None
@@ -951,9 +951,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         (UnknownIdError, 404), (AudioError, 422), (DataError, 422), (SonicrecError, 400),
     ]
 
+    from sonicrec.web_errors import error_detail
+
     def handler(status: int) -> Callable:
         async def handle(_: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=status)
+            return JSONResponse({"detail": error_detail(exc)}, status_code=status)
 
         return handle
 

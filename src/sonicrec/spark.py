@@ -39,7 +39,7 @@ import pandas as pd
 
 from sonicrec.catalog import Catalog, Track
 from sonicrec.config import AudioConfig
-from sonicrec.errors import DataError, MissingExtraError, require
+from sonicrec.errors import DataError, MissingExtraError, RunStage, SetOption, require
 from sonicrec.features import DEFAULT_SHARD_SIZE, Extracted, FeatureStoreWriter, IngestResult, ingest
 from sonicrec.rundir import RunDir
 
@@ -96,7 +96,7 @@ def session(master: str, *, show_progress: bool = True):
     except Exception as exc:  # Java missing or the master unreachable: py4j/pyspark raise many kinds
         raise MissingExtraError(
             f"Spark could not start on {master!r} ({type(exc).__name__}: {exc}); Spark needs Java 17+ "
-            "(JAVA_HOME) and a reachable master (cf.spark_master), or use --engine implicit"
+            "(JAVA_HOME) and a reachable master (cf.spark_master)", remedy=SetOption("cf.engine", "implicit"),
         ) from exc
     spark.sparkContext.setLogLevel("WARN")
     return spark, True
@@ -320,7 +320,7 @@ def _tracks_to_predict(run: RunDir, *, from_audio: bool) -> tuple[pd.DataFrame, 
     with Catalog(run.catalog) as catalog:
         ok = [(t.track_id, t.path) for t in catalog.tracks("ok")]
     if not ok:
-        raise DataError(f"no tracks to predict in {run.root}: run sonicrec ingest first")
+        raise DataError(f"no tracks to predict in {run.root}", remedy=RunStage("ingest", run.root))
     return pd.DataFrame(ok, columns=["track_id", "path"]), None
 
 

@@ -284,7 +284,7 @@ def band_statistics(
         finite = np.isfinite(x).all(axis=(1, 2))
         if not finite.all():
             bad = ids[int(np.argmin(finite))]
-            raise DataError(f"features of track {bad!r} hold NaN or inf: re-extract them (sonicrec ingest)")
+            raise DataError(f"features of track {bad!r} hold NaN or inf: re-extract them (ingest_run)")
         total += x.sum(axis=(0, 2))
         total_sq += (x**2).sum(axis=(0, 2))
         count += x.shape[0] * x.shape[2]
