@@ -150,6 +150,24 @@ def test_audio_file_query_equals_id_query_for_the_same_track(world, tmp_path):
     assert predictor.calls == 3
 
 
+def test_vector_queries_answer_what_file_queries_answer(world, tmp_path):
+    _, predicted_ids, predicted, _ = world
+    vector = predicted[list(predicted_ids).index("t52")]
+    audio = tmp_path / "t52.wav"
+    audio.write_bytes(b"fake audio")
+    rec = _recommender(world, predictor=FakePredictor({"t52.wav": vector}))
+    for raw in (True, False):
+        by_vector, by_file = rec.similar_to_vector(3 * vector, 8, raw=raw), rec.similar(audio, 8, raw=raw)
+        assert by_vector.ids.tolist() == by_file.ids.tolist()  # only the direction counts
+        np.testing.assert_allclose(by_vector.scores, by_file.scores, rtol=1e-5)
+        assert (rec.audience_of_vector(vector, 5, raw=raw).ids.tolist()
+                == rec.audience(audio, 5, exclude_played=False, raw=raw).ids.tolist())
+    assert "t52" not in rec.similar_to_vector(vector, 8, exclude=["t52"]).ids
+    for bad in (np.full(K, np.nan, np.float32), np.ones(K + 1, np.float32)):
+        with pytest.raises(DataError, match="query vector"):
+            rec.similar_to_vector(bad)
+
+
 def test_unknown_ids_are_clear_errors(world, tmp_path):
     rec = _recommender(world, checkpoint=tmp_path / "model" / "checkpoint.pt")
     with pytest.raises(UnknownIdError, match="'nobody'"):

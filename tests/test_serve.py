@@ -25,7 +25,8 @@ from sonicrec.model import AudioCNN  # noqa: E402
 from sonicrec.predict import Predictor  # noqa: E402
 from sonicrec.recommend import Recommender  # noqa: E402
 from sonicrec.rundir import RunDir  # noqa: E402
-from sonicrec.serve import SongMap, create_app, load_song_map, sniff_audio_format  # noqa: E402
+from sonicrec.serve import create_app, sniff_audio_format  # noqa: E402
+from sonicrec.songmap import SongMap, load_song_map  # noqa: E402
 
 K = 8
 N_SONGS, N_USERS = 24, 30
@@ -248,16 +249,16 @@ def test_upload_places_a_new_file_like_its_cold_original(client, world, tmp_path
 
 
 def test_uploads_are_stored_under_generated_names_and_removed(client, upload_dir, tmp_path, monkeypatch):
-    import sonicrec.serve
+    import sonicrec.serve.uploads
 
     seen = []
-    real_copy = sonicrec.serve._copy_file
+    real_copy = sonicrec.serve.uploads._copy_file
 
     def spy(source, path):
         seen.append(path)
         return real_copy(source, path)
 
-    monkeypatch.setattr(sonicrec.serve, "_copy_file", spy)
+    monkeypatch.setattr(sonicrec.serve.uploads, "_copy_file", spy)
     files = {"file": ("../../../etc/x.wav", _wav_bytes(2, tmp_path), "audio/wav")}
     r = client.post("/api/upload", files=files)
     assert r.status_code == 200
@@ -334,8 +335,8 @@ def test_unknown_ids_are_404_with_a_message(client, url, params, words):
 @pytest.mark.parametrize(
     ("url", "secret"),
     [
-        ("/static/../serve.py", b"def create_app"),
-        ("/static/%2e%2e/serve.py", b"def create_app"),
+        ("/static/../serve/app.py", b"def create_app"),
+        ("/static/%2e%2e/serve/app.py", b"def create_app"),
         ("/static/..%2f..%2f..%2fpyproject.toml", b"[project]"),
         ("/analysis/../config.toml", b"[audio]"),
         ("/analysis/%2e%2e/config.toml", b"[audio]"),

@@ -42,6 +42,7 @@ from sonicrec.audio import track_excerpt_start
 from sonicrec.config import AudioConfig
 from sonicrec.errors import DataError, SetOption, SonicrecError
 from sonicrec.factors import unit_rows
+from sonicrec.index import VectorIndex
 from sonicrec.interactions import marked_simulated
 from sonicrec.io import atomic_write_text
 from sonicrec.model import AudioCNN
@@ -620,15 +621,13 @@ def _similar_playlists(
                 zip(queries, rankings, strict=True)]
     except SonicrecError as exc:
         log.warning("similar songs by cosine of the factors predicted here (no Recommender: %s)", exc)
-    unit = unit_rows(acts.factors)
+    index = VectorIndex.build(acts.track_ids, acts.factors, metric="cosine", backend="exact")
     row = {t: i for i, t in enumerate(acts.track_ids.tolist())}
     out = []
-    for q in queries:
-        cos = unit @ unit[row[q]]
-        cos[row[q]] = np.inf  # the query first
-        order = np.argsort(-cos, kind="stable")[:length]
-        scores = np.where(order == row[q], 1.0, cos[order])
-        out.append(Playlist("similar", q, acts.track_ids[order].tolist(), scores.astype(float).tolist()))
+    for q in queries:  # the query first (score 1), then its nearest songs
+        ids, scores = index.query(acts.factors[row[q]], length, exclude=[q])
+        out.append(Playlist("similar", q, [q, *ids[: length - 1].tolist()],
+                            [1.0, *scores[: length - 1].astype(float).tolist()]))
     return out
 
 

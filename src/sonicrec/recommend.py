@@ -19,6 +19,10 @@ similarity is their cosine (similar). By default (``raw=False``) two corrections
   of vector an audio query is). Songs and users that are close to every prediction stop turning up
   in almost every list.
 
+Retrieval has one path: a query's song (a track id, or an audio file the model predicts factors
+for) is resolved to its vector first, then scored by :meth:`Recommender.similar_to_vector` or
+:meth:`Recommender.audience_of_vector`, which the web service's uploads call directly.
+
 Searches go through :class:`sonicrec.index.VectorIndex` (exact below ``IndexConfig.exact_below``
 vectors, HNSW above), one index for warm songs, one for cold songs and one for users; large
 indexes are cached in ``RUN/index/MODEL/``. With hubness reduction an exact index re-ranks all its
@@ -30,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -297,14 +302,12 @@ class Recommender:
         Ranking of user ids, scores: mutual proximity (module docstring), or ``x_u . y / |y|`` if
         ``raw``.
         """
-        if not self.factors.has_users:
-            raise DataError("this run has song factors but no user factors (imported without user factors): "
-                            "it cannot rank users")
+        self._check_has_users()
         y, track = self._song_vector(song)
         listeners = ()
         if exclude_played and track in self._warm_row:
             listeners = self.factors.user_ids[self._row_cols(self._listeners, self._warm_row[track])]
-        return Ranking(*self._user_group.scores(y, n, listeners, mode="raw" if raw else "mutual"))
+        return self._audience(y, n, listeners, raw=raw)
 
     def similar(self, song: Query, n: int = 10, *, raw: bool = False) -> Ranking:
         """A playlist of ``n`` songs like ``song`` (a track id or an audio file).
@@ -316,9 +319,8 @@ class Recommender:
         songs); ``raw``: by cosine alone.
         """
         y, track = self._song_vector(song)
-        options = {"mode": "raw" if raw else "mutual"}
         if track is None:
-            return Ranking(*self._nearest_songs(y, n, **options))
+            return self.similar_to_vector(y, n, raw=raw)
         ids, scores = np.array([track]), np.ones(1, dtype=np.float32)
         hit = None
         if n > 1 and not raw and self._lists is not None:
@@ -326,9 +328,50 @@ class Recommender:
         if hit is not None:
             ids, scores = np.concatenate([ids, self._song_ids[hit[0]]]), np.concatenate([scores, hit[1]])
         elif n > 1:
-            others, other_scores = self._nearest_songs(y, n - 1, exclude=[track], **options)
-            ids, scores = np.concatenate([ids, others]), np.concatenate([scores, other_scores])
+            others = self.similar_to_vector(y, n - 1, exclude=[track], raw=raw)
+            ids, scores = np.concatenate([ids, others.ids]), np.concatenate([scores, others.scores])
         return Ranking(ids, scores)
+
+    # --- vector queries: what every id or audio-file query above comes down to ---------------------
+
+    def similar_to_vector(
+        self, vector: np.ndarray, n: int = 10, *, exclude: Iterable[str] = (), raw: bool = False
+    ) -> Ranking:
+        """The ``n`` songs nearest a point of the latent space, e.g. the factors predicted for an upload.
+
+        Parameters
+        ----------
+        vector : (k,) factors (only the direction counts)
+        n : number of songs
+        exclude : track ids left out
+        raw : score by cosine alone; by default by mutual proximity (module docstring)
+
+        Returns
+        -------
+        Ranking of song ids (warm and cold merged), scores
+        """
+        vector = self._checked_query(vector)
+        return Ranking(*self._nearest_songs(vector, n, exclude=exclude, mode="raw" if raw else "mutual"))
+
+    def audience_of_vector(
+        self, vector: np.ndarray, n: int = 10, *, exclude: Iterable[str] = (), raw: bool = False
+    ) -> Ranking:
+        """The ``n`` users most likely to enjoy a song whose factors are ``vector`` (k,).
+
+        ``exclude``: user ids left out. Returns a Ranking of user ids, scores: mutual proximity
+        (module docstring), or ``x_u . y / |y|`` if ``raw``.
+        """
+        self._check_has_users()
+        return self._audience(unit_rows(self._checked_query(vector).reshape(1, -1))[0], n, exclude, raw=raw)
+
+    def _audience(self, direction: np.ndarray, n: int, exclude, *, raw: bool) -> Ranking:
+        """The ``n`` best users for a unit song vector (k,), leaving out the user ids ``exclude``."""
+        return Ranking(*self._user_group.scores(direction, n, exclude, mode="raw" if raw else "mutual"))
+
+    def _check_has_users(self) -> None:
+        if not self.factors.has_users:
+            raise DataError("this run has song factors but no user factors (imported without user factors): "
+                            "it cannot rank users")
 
     def familiarity(self, song: Query) -> dict[str, Any] | None:
         """How far an audio file lies from the songs the model trained on (``FamiliarityScores.as_dict``:
@@ -509,6 +552,15 @@ class Recommender:
         direction = x / max(float(np.linalg.norm(x)), 1e-12)
         groups = self._groups[: 2 if include_cold else 1]
         return _merge([group.scores(direction, n, exclude, mode=mode) for group in groups], n)
+
+    def _checked_query(self, vector: np.ndarray) -> np.ndarray:
+        """A query vector as (k,) float32, after checking its length and that it is finite."""
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.factors.n_factors,):
+            raise DataError(f"a query vector has {self.factors.n_factors} factors, got shape {vector.shape}")
+        if not np.isfinite(vector).all():
+            raise DataError("a query vector is not finite (NaN/inf)")
+        return vector
 
     def _song_vector(self, song: Query) -> tuple[np.ndarray, str | None]:
         """(k,) unit factors of a song and its track id (None for an audio file)."""
