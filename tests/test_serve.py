@@ -356,7 +356,8 @@ def test_path_traversal_is_refused(client, world, url, secret):
 def test_analysis_report_is_linked_and_served_when_present(client, world):
     run, _ = world
     r = client.get("/analysis/")
-    assert r.status_code == 404 and "sonicrec analyse" in r.json()["detail"]
+    detail = r.json()["detail"]  # web wording: the stage, never a command line
+    assert r.status_code == 404 and "analyse the model" in detail and "sonicrec" not in detail
     run.analysis.mkdir()
     try:
         (run.analysis / "index.html").write_text("<h1>the report</h1>")

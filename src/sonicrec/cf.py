@@ -148,8 +148,10 @@ def factorize_run(
     Songs are split into train/valid/test (``cfg.valid_fraction``, ``cfg.test_fraction``,
     ``cfg.seed``); WMF is fitted on the train songs, valid and test songs are folded in.
     ``plays``: the run's plays when already in memory (else read from RUN/plays.parquet).
+    RUN/config.toml is updated with ``cfg``: the settings the factors were made with.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
+    run.read_config().replace(cf=cfg).save(run.config)
     if plays is not None:
         matrix = plays
     elif run.plays.is_file():

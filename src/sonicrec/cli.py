@@ -29,6 +29,7 @@ _STAGE_COMMANDS = {
     "factorize": "sonicrec factorize {run}",
     "train": "sonicrec train {run}",
     "predict": "sonicrec predict {run} --catalog --name {model}",
+    "analyse": "sonicrec analyse {run}",
 }
 
 #: Library options the command line sets with flags: (key, value) -> advice.
@@ -329,8 +330,6 @@ def _run_factorize(args: argparse.Namespace) -> None:
         cfg.cf, engine=args.engine, spark_master=args.spark_master, factors=args.factors, alpha=args.alpha,
         epsilon=args.epsilon, regularization=args.reg, iterations=args.iterations, seed=args.seed,
     )
-    cfg = cfg.replace(cf=cf)
-    cfg.save(run.config)  # the config the factors were made with
     factors = factorize_run(run, cf, plays=plays, show_progress=args.progress)
     sizes = ", ".join(f"{s} {len(factors.songs(s))}" for s in ("train", "valid", "test"))
     print(f"{run.factors}: {len(factors.user_ids)} users, {len(factors.song_ids)} songs ({sizes}), "

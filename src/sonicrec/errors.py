@@ -19,6 +19,7 @@ STAGES = {
     "factorize": ("factorize the play counts", "cf.factorize_run"),
     "train": ("train the model", "train.train_run"),
     "predict": ("predict the songs' factors", "predict.predict_run"),
+    "analyse": ("analyse the model", "analysis.build_report"),
 }
 
 

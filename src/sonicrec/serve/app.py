@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from sonicrec import __version__
-from sonicrec.errors import AudioError, DataError, SonicrecError, UnknownIdError
+from sonicrec.errors import AudioError, DataError, RunStage, SonicrecError, UnknownIdError
 from sonicrec.recommend import Recommender
 from sonicrec.rundir import RunDir
 from sonicrec.serve.context import ServedRun
@@ -317,7 +317,8 @@ class _ReportFiles(StaticFiles):
 
     async def __call__(self, scope, receive, send) -> None:
         if not Path(self.directory).is_dir():
-            message = "this run has no analysis report yet: run `sonicrec analyse RUN_DIR`"
+            missing = DataError("this run has no analysis report yet", remedy=RunStage("analyse"))
+            message = error_detail(missing)
             return await JSONResponse({"detail": message}, status_code=404)(scope, receive, send)
         await super().__call__(scope, receive, send)
 

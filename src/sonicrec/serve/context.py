@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sonicrec.audio import AUDIO_EXTENSIONS, excerpt_start
+from sonicrec.audio import AUDIO_EXTENSIONS, track_excerpt_start
 from sonicrec.catalog import Catalog, Track
 from sonicrec.errors import UnknownIdError
 from sonicrec.recommend import Ranking, Recommender
@@ -92,7 +92,9 @@ class ServedRun:
             track_id=track.track_id, title=track.title, artist=track.artist, collection=track.collection,
             duration=track.duration, split=self.split_or_none(track.track_id), playable=playable,
             audio_url=f"/api/audio?id={quote(track.track_id, safe='')}" if playable else None,
-            excerpt_start=excerpt_start(track.duration, audio) if track.duration else None,
+            excerpt_start=track_excerpt_start(
+                track.duration, audio, recorded=track.meta.get("excerpt_offset")
+            ),
             excerpt_seconds=audio.excerpt_seconds, meta=track.meta,
         )
 
