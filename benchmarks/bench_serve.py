@@ -50,6 +50,7 @@ N_USERS = 10_000
 DIMS = 40
 COLD_FRACTION = 0.05
 HOST = "127.0.0.1"
+KEEPALIVE_EXPIRY_S = 4.0  # sonicrec serve closes keep-alive connections idle for 5 s (uvicorn)
 
 
 # --- the simulated world ------------------------------------------------------------------------
@@ -221,7 +222,10 @@ async def open_loop(port: int, paths: list[str], rate: float, duration: float, *
     """Send ``paths`` (at most ``rate * duration``) on a fixed schedule; latency from the due time.
 
     Connections are opened as needed, at most ``max_connections``; a request waiting for one
-    keeps its due time. Every outcome is counted once, after its request finished.
+    keeps its due time. Every outcome is counted once, after its request finished. Like httpx's
+    ``keepalive_expiry``, a connection idle for ``KEEPALIVE_EXPIRY_S`` (below the server's 5-s
+    keep-alive timeout) is closed rather than reused, so no request is sent on a connection the
+    server is closing.
     """
     phase = Phase(offered=rate)
     free: list = []
@@ -233,8 +237,12 @@ async def open_loop(port: int, paths: list[str], rate: float, duration: float, *
         async with available:
             while not free and opened >= max_connections:
                 await available.wait()
-            if free:
-                return free.pop()
+            while free:
+                reader, writer, idle_since = free.pop()
+                if time.perf_counter() - idle_since < KEEPALIVE_EXPIRY_S:
+                    return reader, writer
+                writer.close()
+                opened -= 1
             opened += 1
         try:
             return await asyncio.open_connection(HOST, port)
@@ -248,7 +256,7 @@ async def open_loop(port: int, paths: list[str], rate: float, duration: float, *
             if conn is None:
                 opened -= 1
             else:
-                free.append(conn)
+                free.append((*conn, time.perf_counter()))
             available.notify()
 
     async def one(due: float, path: str) -> None:
@@ -284,7 +292,7 @@ async def open_loop(port: int, paths: list[str], rate: float, duration: float, *
     await asyncio.gather(*tasks)
     phase.elapsed = time.perf_counter() - start
     phase.client_cpu = (time.process_time() - cpu0) / phase.elapsed
-    for _, writer in free:
+    for _, writer, _ in free:
         writer.close()
     return phase
 
