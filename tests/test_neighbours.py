@@ -1,5 +1,8 @@
 """Precomputed neighbour lists answer exactly what live queries answer, and go stale with the factors."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -117,3 +120,26 @@ def test_the_job_writes_memory_mapped_lists_and_recomputes_only_when_factors_cha
             factors.split).save(run.factors)
     assert Recommender.load(run.root).lists is None  # stale lists are not used
     assert neighbours_run(run.root, songs=6, users=4)[1] is True
+
+
+@pytest.mark.spark
+@pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
+                    reason="Java missing (Spark)")
+@pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas")
+@pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")
+def test_the_spark_job_writes_the_lists_the_local_job_writes(tmp_path, world, monkeypatch, capsys):  # noqa: F811
+    pytest.importorskip("pyspark")
+    monkeypatch.setattr("sonicrec.neighbours._BLOCK_SCORES", 1)  # blocks of 64 rows: 2 of songs
+    index = IndexConfig(exact_below=0) if voyager_available() else IndexConfig()  # executors load its files
+    runs = [_write_run(tmp_path / name, world) for name in ("local", "spark")]
+    for run in runs:
+        Config(index=index).save(run.config)
+    local, _ = neighbours_run(runs[0].root, songs=6, users=4)
+    assert main(["-q", "--no-progress", "neighbours", str(runs[1].root), "--songs", "6", "--users", "4",
+                 "--engine", "spark", "--spark-master", "local[2]"]) == 0
+    assert "written:" in capsys.readouterr().out
+    distributed = NeighbourLists.load(runs[1].neighbours / "cnn-mse")
+    assert distributed.source == local.source and distributed.complete
+    for name in ("song_rows", "song_scores", "user_rows", "user_scores"):
+        np.testing.assert_array_equal(getattr(distributed, name), getattr(local, name), err_msg=name)
+    assert Recommender.load(runs[1].root).lists is not None  # the server reads them unchanged

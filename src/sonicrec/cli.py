@@ -947,14 +947,23 @@ def _add_neighbours(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--songs", type=_positive_int, default=25, help="neighbours stored per song (25)")
     p.add_argument("--users", type=_positive_int, default=50, help="songs stored per user (50)")
     p.add_argument("--force", action="store_true", help="recompute even when the lists are current")
+    p.add_argument("--engine", choices=("local", "spark"), default="local",
+                   help="this machine (default) or a Spark job (sonicrec[spark])")
+    p.add_argument("--spark-master", metavar="URL",
+                   help="--engine spark: Spark master (default: cf.spark_master)")
     p.set_defaults(func=_run_neighbours)
 
 
 def _run_neighbours(args: argparse.Namespace) -> None:
-    from sonicrec.neighbours import neighbours_run
+    options = dict(songs=args.songs, users=args.users, force=args.force, show_progress=args.progress)
+    if args.engine == "spark":
+        from sonicrec.spark import neighbours_run_spark
 
-    lists, computed = neighbours_run(args.run_dir, args.model, songs=args.songs, users=args.users,
-                                     force=args.force, show_progress=args.progress)
+        lists, computed = neighbours_run_spark(args.run_dir, args.model, master=args.spark_master, **options)
+    else:
+        from sonicrec.neighbours import neighbours_run
+
+        lists, computed = neighbours_run(args.run_dir, args.model, **options)
     what = f"{len(lists.song_rows):,} songs x {lists.song_rows.shape[1]}, " \
            f"{len(lists.user_rows):,} users x {lists.user_rows.shape[1]}"
     if computed:

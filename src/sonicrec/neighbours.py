@@ -16,9 +16,12 @@ calibrated or filtered queries and longer lists still search. The lists carry a 
 and user vectors, the plays and the index settings (``Recommender.lists_source``): lists of older
 factors are ignored until the job is run again, which recomputes only when that hash changed.
 
-The job is embarrassingly parallel over blocks of query rows; on a cluster each Spark task can
-load the cached index files (``RUN/index/MODEL/``) once and answer a range of rows
-(``Recommender.similar_rows(range, K)``), the driver writing the blocks at their offsets.
+The job is embarrassingly parallel over blocks of query rows (:func:`query_blocks`). On one
+machine :func:`compute_lists` answers them in turn; on a cluster
+(:func:`sonicrec.spark.neighbours_run_spark`) each Spark task loads the Recommender from the run's
+cached index files (``RUN/index/MODEL/``) once and answers its blocks
+(:meth:`QueryBlock.answer`), and the driver writes the blocks at their rows
+(:func:`assemble_lists`) into the same files, with the same hash.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,44 +125,97 @@ def _head(rows: np.ndarray, scores: np.ndarray, row: int, n: int) -> tuple[np.nd
     return hit, np.asarray(scores[row, :n])
 
 
+@dataclass(frozen=True)
+class QueryBlock:
+    """One block of the batch job: ``kind`` "songs" (rows of Recommender.song_ids) or "users" (rows
+    of factors.user_ids), ``rows`` (B,) int64, asked for ``width`` neighbours or songs each."""
+
+    kind: str
+    rows: np.ndarray
+    width: int
+
+    def answer(self, rec: Recommender) -> tuple[np.ndarray, np.ndarray]:
+        """(B, width) int32 song rows and (B, width) float32 scores: ``rec.similar_rows`` or
+        ``rec.recommend_rows`` of this block."""
+        ask = rec.similar_rows if self.kind == "songs" else rec.recommend_rows
+        return ask(self.rows, self.width)
+
+
+def query_blocks(
+    rec: Recommender, *, songs: int = DEFAULT_SONGS, users: int = DEFAULT_USERS,
+    only_songs: np.ndarray | None = None,
+) -> list[QueryBlock]:
+    """The blocks of query rows of the job: every song (or ``only_songs``), then every user, a few
+    thousand at a time through HNSW and ~64 MiB of scores for exact search. Every engine answers
+    these same blocks, so the lists do not depend on the engine."""
+    if songs <= 0 or users <= 0:
+        raise DataError(f"list lengths must be positive, got songs={songs}, users={users}")
+    n_songs = len(rec.song_ids)
+    asked = np.arange(n_songs) if only_songs is None else np.unique(np.asarray(only_songs, dtype=np.int64))
+    block = max(64, min(4096, _BLOCK_SCORES // max(n_songs, 1)))
+    return [QueryBlock(kind, rows[lo : lo + block], width)
+            for kind, rows, width in (("songs", asked, songs),
+                                      ("users", np.arange(len(rec.factors.user_ids)), users))
+            for lo in range(0, len(rows), block)]
+
+
+def assemble_lists(
+    rec: Recommender, answers: Iterable[tuple[QueryBlock, np.ndarray, np.ndarray]], *,
+    songs: int, users: int, seconds_since: float,
+) -> NeighbourLists:
+    """Write each block's answers (``QueryBlock``, (B, width) rows, (B, width) scores) at its rows:
+    the lists of ``rec`` (songs never answered keep rows of -1). ``seconds_since``: the job's start
+    (``time.perf_counter()``)."""
+    n_songs, n_users = len(rec.song_ids), len(rec.factors.user_ids)
+    arrays = {"songs": _unanswered(n_songs, songs), "users": _unanswered(n_users, users)}
+    answered = 0
+    for block, rows, scores in answers:
+        rows_out, scores_out = arrays[block.kind]
+        rows_out[block.rows], scores_out[block.rows] = rows, scores
+        answered += len(block.rows) if block.kind == "songs" else 0
+    seconds = time.perf_counter() - seconds_since
+    log.info("neighbour lists of %d songs and %d users computed in %.1f s", answered, n_users, seconds)
+    return NeighbourLists(None, rec.lists_source, *arrays["songs"], *arrays["users"], seconds,
+                          complete=answered == n_songs)
+
+
+def _unanswered(n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, width) int32 rows of -1 and (n, width) float32 scores of -inf."""
+    return np.full((n, width), -1, np.int32), np.full((n, width), -np.inf, np.float32)
+
+
 def compute_lists(
     rec: Recommender, *, songs: int = DEFAULT_SONGS, users: int = DEFAULT_USERS,
     only_songs: np.ndarray | None = None, show_progress: bool = False,
 ) -> NeighbourLists:
     """Ask ``rec`` for the ``songs`` nearest songs of every song and the top ``users`` songs of every
-    user, in blocks of queries (a few thousand at a time through HNSW, ~64 MiB of scores for exact).
+    user, block by block (:func:`query_blocks`) on this machine.
 
     ``only_songs``: rows of ``rec.song_ids`` to compute lists for (e.g. the most played songs);
     the other songs get empty rows and are searched when asked about.
     """
-    if songs <= 0 or users <= 0:
-        raise DataError(f"list lengths must be positive, got songs={songs}, users={users}")
     t0 = time.perf_counter()
-    n_songs, n_users = len(rec.song_ids), len(rec.factors.user_ids)
-    song_rows = np.full((n_songs, songs), -1, np.int32)
-    song_scores = np.full((n_songs, songs), -np.inf, np.float32)
-    user_rows, user_scores = np.empty((n_users, users), np.int32), np.empty((n_users, users), np.float32)
-    asked = np.arange(n_songs) if only_songs is None else np.unique(np.asarray(only_songs, dtype=np.int64))
-    block = max(64, min(4096, _BLOCK_SCORES // max(n_songs, 1)))
-    jobs = [(rec.similar_rows, asked, songs, song_rows, song_scores),
-            (rec.recommend_rows, np.arange(n_users), users, user_rows, user_scores)]
-    with tqdm(total=len(asked) + n_users, desc="neighbours", unit="row", disable=not show_progress) as bar:
-        for ask, rows, width, rows_out, scores_out in jobs:
-            for lo in range(0, len(rows), block):
-                part = rows[lo : lo + block]
-                rows_out[part], scores_out[part] = ask(part, width)
-                bar.update(len(part))
-    seconds = time.perf_counter() - t0
-    log.info("neighbour lists of %d songs and %d users computed in %.1f s", len(asked), n_users, seconds)
-    return NeighbourLists(None, rec.lists_source, song_rows, song_scores, user_rows, user_scores, seconds,
-                          complete=len(asked) == n_songs)
+    blocks = query_blocks(rec, songs=songs, users=users, only_songs=only_songs)
+    with tqdm(total=sum(len(b.rows) for b in blocks), desc="neighbours", unit="row",
+              disable=not show_progress) as bar:
+        def answers() -> Iterator[tuple[QueryBlock, np.ndarray, np.ndarray]]:
+            for block in blocks:
+                yield block, *block.answer(rec)
+                bar.update(len(block.rows))
+
+        return assemble_lists(rec, answers(), songs=songs, users=users, seconds_since=t0)
+
+
+ListsEngine = Callable[..., NeighbourLists]
+"""How the lists are computed: ``engine(rec, songs=, users=, show_progress=)``; :func:`compute_lists`
+(this machine) or the Spark job of :func:`sonicrec.spark.neighbours_run_spark`."""
 
 
 def neighbours_run(
     run_dir: str | Path, model: str = "cnn-mse", *, songs: int = DEFAULT_SONGS, users: int = DEFAULT_USERS,
-    force: bool = False, show_progress: bool = False,
+    force: bool = False, show_progress: bool = False, engine: ListsEngine = compute_lists,
 ) -> tuple[NeighbourLists, bool]:
-    """Compute and save RUN/neighbours/MODEL/ unless lists of the current factors are there.
+    """Compute (by ``engine``) and save RUN/neighbours/MODEL/ unless lists of the current factors are there.
 
     Returns the lists and whether they were computed (False: the stored ones are current).
     """
@@ -172,6 +229,6 @@ def neighbours_run(
     if not force and current is not None and current.complete and current.song_rows.shape[1] == songs \
             and current.user_rows.shape[1] == users:
         return current, False
-    lists = compute_lists(rec, songs=songs, users=users, show_progress=show_progress)
+    lists = engine(rec, songs=songs, users=users, show_progress=show_progress)
     lists.save(folder)
     return NeighbourLists.load(folder), True

@@ -1,6 +1,6 @@
-"""Spark batch jobs: feature extraction and CNN prediction over a DataFrame of tracks.
+"""Spark batch jobs: feature extraction and CNN prediction over a DataFrame of tracks, neighbour lists.
 
-Both jobs run the local code inside ``mapInPandas`` (one Python worker per task), so a cluster
+The jobs run the local code inside ``mapInPandas`` (one Python worker per task), so a cluster
 computes exactly what one machine does, and :func:`session` is the one place Spark is started:
 
 * :func:`extract_features` runs :func:`sonicrec.features.extract_track` (the front end of
@@ -14,6 +14,8 @@ computes exactly what one machine does, and :func:`session` is the one place Spa
   (``predict_stored``, ``predict_each``) on each partition; :func:`predict_run_spark` writes
   RUN/predictions/NAME.parquet (``track_id``, ``factor_0`` ...) and, through the step
   :func:`sonicrec.predict.predict_run` uses, RUN/predictions/NAME.npz.
+* :func:`neighbours_run_spark` is :func:`sonicrec.neighbours.neighbours_run` with the blocks of
+  query rows answered by tasks (each loads the run's Recommender once), written by the driver.
 
 Executors must see the audio files, the run directory and the checkpoint at the same paths as the
 driver (a shared file system), and have sonicrec installed. pyspark is the ``spark`` extra.
@@ -27,12 +29,14 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -41,7 +45,19 @@ from sonicrec.catalog import Catalog, Track
 from sonicrec.config import AudioConfig
 from sonicrec.errors import DataError, MissingExtraError, RunStage, SetOption, require
 from sonicrec.features import DEFAULT_SHARD_SIZE, Extracted, FeatureStoreWriter, IngestResult, ingest
+from sonicrec.neighbours import (
+    DEFAULT_SONGS,
+    DEFAULT_USERS,
+    NeighbourLists,
+    QueryBlock,
+    assemble_lists,
+    neighbours_run,
+    query_blocks,
+)
 from sonicrec.rundir import RunDir
+
+if TYPE_CHECKING:
+    from sonicrec.recommend import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -347,3 +363,86 @@ def _replace_folder(new: Path, old: Path) -> None:
         shutil.rmtree(trash)
     else:
         os.replace(new, old)
+
+
+# --- neighbour lists ----------------------------------------------------------------------------
+
+_NEIGHBOURS_SCHEMA = "block int, source string, rows binary, scores binary"
+
+
+def _neighbours_partition(batches: Iterator[pd.DataFrame], *, run: str, model: str) -> Iterator[pd.DataFrame]:
+    """mapInPandas body: load the run's Recommender once (from its cached index files) and answer
+    this task's blocks (``block``, ``kind``, ``width``, ``query``: int64 rows as bytes)."""
+    from sonicrec.recommend import Recommender
+
+    rec = None
+    for batch in batches:
+        rec = rec if rec is not None else Recommender.load(run, model)
+        out = []
+        for block, kind, width, query in batch[["block", "kind", "width", "query"]].itertuples(index=False):
+            rows, scores = QueryBlock(kind, np.frombuffer(query, np.int64), int(width)).answer(rec)
+            out.append((block, rec.lists_source, rows.tobytes(), scores.tobytes()))
+        yield pd.DataFrame(out, columns=["block", "source", "rows", "scores"])
+
+
+@quiet_pandas_warnings()
+def _spark_lists(
+    rec: Recommender, *, songs: int, users: int, show_progress: bool, run: str, model: str, master: str,
+    partitions: int | None,
+) -> NeighbourLists:
+    """The :data:`sonicrec.neighbours.ListsEngine` on Spark: the blocks of
+    :func:`sonicrec.neighbours.query_blocks` answered by tasks, written at their rows on the driver."""
+    t0 = time.perf_counter()
+    blocks = query_blocks(rec, songs=songs, users=users)
+    frame = pd.DataFrame({"block": np.arange(len(blocks), dtype=np.int32), "kind": [b.kind for b in blocks],
+                          "width": [b.width for b in blocks],
+                          "query": [np.asarray(b.rows, np.int64).tobytes() for b in blocks]})
+    spark, created = session(master, show_progress=show_progress)
+    try:
+        tasks = spark.createDataFrame(frame).repartition(partitions or spark.sparkContext.defaultParallelism)
+        answered = tasks.mapInPandas(partial(_neighbours_partition, run=run, model=model),
+                                     _NEIGHBOURS_SCHEMA).collect()
+    finally:
+        if created:
+            spark.stop()
+
+    def answers() -> Iterator[tuple[QueryBlock, np.ndarray, np.ndarray]]:
+        for row in answered:
+            if row.source != rec.lists_source:
+                raise DataError(f"{run} changed while its neighbour lists were computed; run the job again")
+            block = blocks[row.block]
+            shape = (len(block.rows), block.width)
+            yield (block, np.frombuffer(row.rows, np.int32).reshape(shape),
+                   np.frombuffer(row.scores, np.float32).reshape(shape))
+
+    return assemble_lists(rec, answers(), songs=songs, users=users, seconds_since=t0)
+
+
+def neighbours_run_spark(
+    run: RunDir | str | Path,
+    model: str = "cnn-mse",
+    *,
+    master: str | None = None,
+    partitions: int | None = None,
+    songs: int = DEFAULT_SONGS,
+    users: int = DEFAULT_USERS,
+    force: bool = False,
+    show_progress: bool = True,
+) -> tuple[NeighbourLists, bool]:
+    """:func:`sonicrec.neighbours.neighbours_run` as a Spark job: the same blocks, files and hash.
+
+    Each task loads the run's Recommender once (the index files cached in RUN/index/MODEL/ by the
+    driver's load) and answers its blocks of song and user rows; the driver writes the blocks at
+    their rows into RUN/neighbours/MODEL/ (it holds the lists and, briefly, the tasks' answers).
+    ``master``: None = ``cf.spark_master`` of the run's config. ``partitions``: Spark tasks.
+    On a cluster the run directory is a shared path.
+
+    Returns
+    -------
+    (NeighbourLists, computed): as :func:`sonicrec.neighbours.neighbours_run`
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    engine = partial(_spark_lists, run=str(run.root.resolve()), model=model,
+                     master=master or run.read_config().cf.spark_master, partitions=partitions)
+    return neighbours_run(run.root, model, songs=songs, users=users, force=force,
+                          show_progress=show_progress, engine=engine)
