@@ -143,6 +143,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--users", type=_positive_int, help="number of simulated users")
     p.add_argument("--plays", type=_positive_int, help="number of simulated play events")
     p.add_argument("--seed", type=_seed, default=0, help="seed of everything random")
+    p.add_argument(
+        "--production", choices=("clean", "varied"), default="clean",
+        help="clean: one soundfont and mix; varied: per-track soundfont (with fluid-soundfont-gm "
+        "installed), drums, EQ, compression, noise floor and level",
+    )
     p.add_argument("--cache", type=Path, help="rendered-audio cache (default ~/.cache/sonicrec)")
     p.add_argument("--serve", action="store_true", help="then open the web app on http://127.0.0.1:8000/")
     p.set_defaults(func=_run_demo)
@@ -157,6 +162,7 @@ def _run_demo(args: argparse.Namespace) -> None:
         n_users=args.users,
         n_plays=args.plays,
         seed=args.seed,
+        production=args.production,
         cache_dir=args.cache,
         show_progress=args.progress,
     )

@@ -36,6 +36,15 @@ from typing import Any
 import numpy as np
 
 from sonicrec.catalog import Track
+from sonicrec.demo.production import (
+    DRUM_CHANNEL,
+    PRODUCTIONS,
+    Mix,
+    apply_mix,
+    draw_mix,
+    drum_pattern,
+    soundfonts,
+)
 from sonicrec.errors import DataError, require
 from sonicrec.io import atomic_path, atomic_write_text
 
@@ -570,23 +579,43 @@ def _program_name(program: int) -> str:
 @cache
 def _soundfont() -> bytes:
     """The General MIDI soundfont shipped with pretty_midi."""
-    return (_package_dir("pretty_midi") / "TimGM6mb.sf2").read_bytes()
+    return _bundled_soundfont().read_bytes()
 
 
-def _synthesize(perf: _Performance, rng: np.random.Generator) -> np.ndarray:
-    """Render a performance to mono float32 audio (SAMPLE_RATE * EXCERPT_SECONDS,), normalised."""
+def _bundled_soundfont() -> Path:
+    return _package_dir("pretty_midi") / "TimGM6mb.sf2"
+
+
+def _font_path(name: str) -> Path:
+    """The soundfont a varied mix names (one of :func:`production.soundfonts`)."""
+    return next(p for p in soundfonts(_bundled_soundfont()) if p.name == name)
+
+
+def _synthesize(perf: _Performance, rng: np.random.Generator, mix: Mix | None = None) -> np.ndarray:
+    """Render a performance to mono float32 audio (SAMPLE_RATE * EXCERPT_SECONDS,): clean (one
+    soundfont, room reverb, TARGET_RMS_DB), or produced by ``mix`` (its soundfont, drum kit and chain)."""
     import pedalboard
     import tinysoundfont
 
     synth = tinysoundfont.Synth(samplerate=SAMPLE_RATE)
-    sfid = synth.sfload(_soundfont())
+    sfid = synth.sfload(_soundfont() if mix is None else str(_font_path(mix.soundfont)))
     channel_of = [c if c < 9 else c + 1 for c in range(15)]  # the melodic channels (9: drums)
     for part, program in enumerate(perf.programs):
         synth.program_select(channel_of[part % 15], sfid, 0, program)
+    channels = np.array(channel_of)[perf.channels % 15]
+    onsets, offsets, pitches, velocities = perf.onsets, _no_overlap(perf), perf.pitches, perf.velocities
+    if mix is not None and mix.drums:
+        synth.program_select(DRUM_CHANNEL, sfid, 128, 0, True)
+        hits, kit, strength = drum_pattern(
+            perf.meta["meter"], perf.meta["tempo"], EXCERPT_SECONDS, mix.drum_level_db, rng
+        )
+        onsets = np.concatenate([onsets, hits])
+        offsets = np.concatenate([offsets, np.minimum(hits + 0.1, EXCERPT_SECONDS)])
+        pitches, velocities = np.concatenate([pitches, kit]), np.concatenate([velocities, strength])
+        channels = np.concatenate([channels, np.full(len(hits), DRUM_CHANNEL)])
 
-    offsets = _no_overlap(perf)
-    times = np.concatenate([offsets, perf.onsets])
-    is_on = np.concatenate([np.zeros(len(offsets), bool), np.ones(len(perf.onsets), bool)])
+    times = np.concatenate([offsets, onsets])
+    is_on = np.concatenate([np.zeros(len(offsets), bool), np.ones(len(onsets), bool)])
     idx = np.concatenate([np.arange(len(offsets))] * 2)
     order = np.lexsort((is_on, times))  # at equal times, note-offs first
 
@@ -601,11 +630,10 @@ def _synthesize(perf: _Performance, rng: np.random.Generator) -> np.ndarray:
             synth.generate_simple(at - position, buffer=buffer[position * frame_bytes : at * frame_bytes])
             position = at
         j = idx[i]
-        channel = channel_of[perf.channels[j] % 15]
         if is_on[i]:
-            synth.noteon(channel, int(perf.pitches[j]), int(perf.velocities[j]))
+            synth.noteon(int(channels[j]), int(pitches[j]), int(velocities[j]))
         else:
-            synth.noteoff(channel, int(perf.pitches[j]))
+            synth.noteoff(int(channels[j]), int(pitches[j]))
     if position < n:
         synth.generate_simple(n - position, buffer=buffer[position * frame_bytes :])
 
@@ -616,7 +644,9 @@ def _synthesize(perf: _Performance, rng: np.random.Generator) -> np.ndarray:
         dry_level=0.8,
     )
     mono = reverb(stereo.mean(axis=1)[None, :], SAMPLE_RATE)[0].astype(np.float32)
-    return _normalise(mono)
+    if mix is None:
+        return _normalise(mono)
+    return _fade(apply_mix(_audible(mono), mix, SAMPLE_RATE, rng))
 
 
 def _no_overlap(perf: _Performance) -> np.ndarray:
@@ -629,19 +659,28 @@ def _no_overlap(perf: _Performance) -> np.ndarray:
     return offsets
 
 
+def _audible(y: np.ndarray) -> np.ndarray:
+    if float(np.sqrt(np.mean(y.astype(np.float64) ** 2))) < 1e-5:
+        raise DataError("the rendered audio is silent")
+    return y
+
+
 def _normalise(y: np.ndarray) -> np.ndarray:
     """Scale to TARGET_RMS_DB (peaks held under PEAK_LIMIT), with a short fade in and out."""
-    rms = float(np.sqrt(np.mean(y.astype(np.float64) ** 2)))
-    if rms < 1e-5:
-        raise DataError("the rendered audio is silent")
+    rms = float(np.sqrt(np.mean(_audible(y).astype(np.float64) ** 2)))
     y = y * (10 ** (TARGET_RMS_DB / 20) / rms)
     peak = float(np.abs(y).max())
     if peak > PEAK_LIMIT:
         y *= PEAK_LIMIT / peak
+    return _fade(y)
+
+
+def _fade(y: np.ndarray) -> np.ndarray:
     fade_in, fade_out = int(0.01 * SAMPLE_RATE), int(1.0 * SAMPLE_RATE)
+    y = y.astype(np.float32, copy=True)
     y[:fade_in] *= np.linspace(0.0, 1.0, fade_in, dtype=np.float32)
     y[-fade_out:] *= np.linspace(1.0, 0.0, fade_out, dtype=np.float32)
-    return y.astype(np.float32)
+    return y
 
 
 # --- cache and workers ---------------------------------------------------------------------------
@@ -659,12 +698,17 @@ class _Job:
     seed: int  # the piece's own seed
     audio: Path  # cache entry: audio file ...
     sidecar: Path  # ... and its metadata (written last: its presence marks a complete entry)
+    fonts: tuple[Path, ...] = ()  # a varied production's soundfonts; () = clean
 
 
-def _job(piece: Piece, world_seed: int, cache_dir: Path) -> _Job:
+def _job(piece: Piece, world_seed: int, cache_dir: Path, fonts: tuple[Path, ...] = ()) -> _Job:
     seed = piece_seed(world_seed, piece)
+    # a clean job's key is as it was before varied productions existed: its cache entries stay valid
+    fonts_key = [[p.name, p.stat().st_size] for p in fonts]
+    varied = {"production": "varied", "soundfonts": fonts_key} if fonts else {}
     key = json.dumps(
         {
+            **varied,
             "render_version": RENDER_VERSION,
             "source": piece.source,
             "seed": seed,
@@ -679,7 +723,7 @@ def _job(piece: Piece, world_seed: int, cache_dir: Path) -> _Job:
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = f"{piece.track_id}-{digest}"
-    return _Job(piece, seed, cache_dir / f"{stem}.ogg", cache_dir / f"{stem}.json")
+    return _Job(piece, seed, cache_dir / f"{stem}.ogg", cache_dir / f"{stem}.json", fonts)
 
 
 def _render_job(job: _Job) -> dict[str, Any]:
@@ -687,7 +731,10 @@ def _render_job(job: _Job) -> dict[str, Any]:
     import soundfile as sf
 
     perf = _perform(job.piece, job.seed)
-    audio = _synthesize(perf, np.random.default_rng([job.seed, 1]))
+    mix = draw_mix(np.random.default_rng([job.seed, 2]), job.fonts) if job.fonts else None
+    audio = _synthesize(perf, np.random.default_rng([job.seed, 1]), mix)
+    if mix is not None:
+        perf.meta["production"] = mix.describe()
     with atomic_path(job.audio) as tmp:
         sf.write(tmp, audio, SAMPLE_RATE, format="OGG", subtype="VORBIS", compression_level=OGG_COMPRESSION)
     record = {"title": perf.title, "duration": len(audio) / SAMPLE_RATE, "meta": perf.meta}
@@ -750,6 +797,7 @@ def render_world(
     cache_dir: Path | None = None,
     workers: int = 2,
     show_progress: bool = True,
+    production: str = "clean",
 ) -> list[Track]:
     """Render ``n_tracks`` pieces of the music21 corpus into ``audio_dir/<track_id>.ogg``.
 
@@ -765,6 +813,8 @@ def render_world(
     cache_dir : rendered-file cache; default :func:`default_cache_dir`.
     workers : worker processes for rendering (``<= 1``: render in this process).
     show_progress : show a tqdm progress bar.
+    production : ``"clean"`` or ``"varied"`` (:mod:`sonicrec.demo.production`: per-track soundfont,
+        drums, EQ, dynamics, noise and level, drawn from the bundled soundfont and the installed ones).
 
     Returns
     -------
@@ -775,6 +825,9 @@ def render_world(
     require_demo_packages()
     if n_tracks < 1:
         raise DataError(f"n_tracks={n_tracks}: ask for at least one track")
+    if production not in PRODUCTIONS:
+        raise DataError(f"production {production!r}: one of {', '.join(PRODUCTIONS)}")
+    fonts = soundfonts(_bundled_soundfont()) if production == "varied" else ()
     audio_dir = Path(audio_dir)
     audio_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -782,7 +835,8 @@ def render_world(
     start = time.perf_counter()
     with tqdm(total=n_tracks, desc="render", unit="track", disable=not show_progress) as bar:
         tracks, rendered, failed = _first_that_render(
-            n_tracks, seed=seed, audio_dir=audio_dir, cache_dir=cache_dir, workers=workers, bar=bar
+            n_tracks, seed=seed, audio_dir=audio_dir, cache_dir=cache_dir, workers=workers, bar=bar,
+            fonts=fonts,
         )
     if len(tracks) < n_tracks:
         raise DataError(
@@ -798,7 +852,7 @@ def render_world(
 
 
 def _first_that_render(
-    n_tracks: int, *, seed: int, audio_dir: Path, cache_dir: Path, workers: int, bar
+    n_tracks: int, *, seed: int, audio_dir: Path, cache_dir: Path, workers: int, bar, fonts: tuple[Path, ...]
 ) -> tuple[dict[int, Track], int, list[str]]:
     """The first ``n_tracks`` candidate pieces that render, placed in ``audio_dir``.
 
@@ -818,7 +872,7 @@ def _first_that_render(
                 order, piece = next(candidates, (None, None))
                 if piece is None:
                     break
-                job = _job(piece, seed, cache_dir)
+                job = _job(piece, seed, cache_dir, fonts)
                 record = _cached(job)
                 if record is not None:
                     tracks[order] = _track(job, record, audio_dir)

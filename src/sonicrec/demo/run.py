@@ -41,6 +41,7 @@ class DemoOptions:
         n_users: int | None = None,
         n_plays: int | None = None,
         seed: int = 0,
+        production: str = "clean",
         cache_dir: Path | None = None,
         show_progress: bool = True,
     ) -> DemoOptions:
@@ -51,6 +52,7 @@ class DemoOptions:
             n_tracks=n_tracks or world.n_tracks,
             n_users=n_users or world.n_users,
             n_plays=n_plays or max(world.n_plays, n_users or 0),
+            production=production,
         )
         base = Config()
         config = base.replace(model=model, train=train, cf=dataclasses.replace(base.cf, seed=seed))
@@ -122,6 +124,7 @@ def _render(run, world, cache_dir, workers, show_progress):
         cache_dir=cache_dir,
         workers=workers,
         show_progress=show_progress,
+        production=world.production,
     )
 
 

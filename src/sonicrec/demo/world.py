@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sonicrec.config import ModelConfig, TrainConfig, check_seed, section_from_dict, section_to_dict
+from sonicrec.demo.production import PRODUCTIONS
 from sonicrec.errors import ConfigError
 
 SECTION = "demo"  # the TOML table of RUN/demo.toml
@@ -32,6 +33,7 @@ class DemoConfig:
     n_users: int = 5000
     n_plays: int = 250_000  # play events (a user playing a track once)
     seed: int = 0
+    production: str = "clean"  # or "varied": per-track soundfont, drums and mix (demo.production)
 
     def __post_init__(self) -> None:
         for name in ("n_tracks", "n_users"):
@@ -40,6 +42,8 @@ class DemoConfig:
         if self.n_plays < self.n_users:
             raise ConfigError("demo.n_plays must be at least demo.n_users")
         check_seed(self.seed, name="demo.seed")
+        if self.production not in PRODUCTIONS:
+            raise ConfigError(f"demo.production={self.production!r}: one of {', '.join(PRODUCTIONS)}")
 
     def to_toml(self) -> str:
         import tomli_w
