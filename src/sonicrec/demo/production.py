@@ -22,6 +22,7 @@ PRODUCTIONS = ("clean", "varied")
 #: General MIDI soundfonts Debian installs (``fluid-soundfont-gm``); a varied world draws from the
 #: bundled one and each of these that exists. (MuseScore's .sf3 fonts take ~3 s a track to load.)
 SYSTEM_SOUNDFONTS = (Path("/usr/share/sounds/sf2/FluidR3_GM.sf2"),)
+PEAK = 0.9  # soft-clip ceiling of the master
 DRUM_CHANNEL = 9
 KICK, SNARE, CLOSED_HAT, RIDE = 36, 38, 42, 51
 
@@ -84,8 +85,8 @@ def drum_pattern(
     meter: str, bpm: float, seconds: float, level_db: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A plain kit groove for ``meter`` at ``bpm`` quarter notes per minute: onsets (s), GM drum
-    pitches and velocities. Kick on the downbeat (and mid-bar in even meters), snare on the other
-    beats of an even meter or the second of three, hi-hat or ride on every subdivision."""
+    pitches and velocities. Kick on the downbeat (and mid-bar in four or more even beats), snare on
+    the other beats of an even meter or the second of three, hi-hat or ride on every subdivision."""
     numerator, denominator = _meter(meter)
     compound = denominator == 8 and numerator % 3 == 0 and numerator > 3
     beats = numerator // 3 if compound else numerator
@@ -99,7 +100,7 @@ def drum_pattern(
             at = (bar * beats + beat) * beat_s
             if at >= seconds:
                 break
-            if beat == 0 or (beats % 2 == 0 and beat == beats // 2):
+            if beat == 0 or (beats >= 4 and beats % 2 == 0 and beat == beats // 2):
                 hits.append((at, KICK, 100.0))
             elif beats % 2 == 0 or beat == 1:
                 hits.append((at, SNARE, 92.0))
@@ -126,7 +127,7 @@ def _meter(meter: str) -> tuple[int, int]:
 
 def apply_mix(y: np.ndarray, mix: Mix, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
     """EQ, band limits, saturation, compression and a noise floor (pedalboard), at ``mix.loudness_db``
-    RMS with peaks limited; ``y`` is mono float32."""
+    RMS with peaks soft-clipped under PEAK; ``y`` is mono float32."""
     import pedalboard
 
     board = pedalboard.Pedalboard([
@@ -149,8 +150,7 @@ def apply_mix(y: np.ndarray, mix: Mix, sample_rate: int, rng: np.random.Generato
         noise = coloured_noise(len(y), mix.noise_slope, rng)
         y = y + noise * (_rms(y) / _rms(noise) * 10 ** (-mix.noise_snr_db / 20))
     y = _at_rms(y, mix.loudness_db)
-    limiter = pedalboard.Limiter(threshold_db=-2.0, release_ms=100.0)
-    return np.clip(limiter(y[None, :].astype(np.float32), sample_rate)[0], -0.9, 0.9).astype(np.float32)
+    return (PEAK * np.tanh(y / PEAK)).astype(np.float32)  # a loud master's peaks are clipped softly
 
 
 def coloured_noise(n: int, slope: float, rng: np.random.Generator) -> np.ndarray:
