@@ -104,3 +104,21 @@ def test_the_production_is_checked():
     assert DemoConfig.from_toml(DemoConfig(production="varied").to_toml()).production == "varied"
     with pytest.raises(DataError, match="production"):
         render.render_world(Path("unused"), n_tracks=1, seed=0, production="loud", show_progress=False)
+
+
+def test_the_cli_passes_the_production_to_the_world(tmp_path, monkeypatch, capsys):
+    import sonicrec.demo
+    from sonicrec.cli import main
+
+    seen = {}
+
+    def run_demo(out, options):
+        seen["world"] = options.world
+        return ""
+
+    monkeypatch.setattr(sonicrec.demo, "run_demo", run_demo)
+    assert main(["-q", "demo", "--production", "varied", "--out", str(tmp_path / "run")]) == 0
+    assert seen["world"].production == "varied" and seen["world"].n_tracks == 1200
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--production", "loud", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2 and "loud" in capsys.readouterr().err
