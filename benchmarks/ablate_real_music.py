@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {  # name: (model.input_norm,
     **{f"excerpt_aug-no-{a}": ("excerpt", tuple(x for x in ALL if x != a)) for a in ALL},
     **{f"band_aug-no-{a}": ("band", tuple(x for x in ALL if x != a)) for a in ALL},
     **{f"band_aug-only-{a}": ("band", (a,)) for a in ALL},
+    "pcen": ("pcen", ()),
 }
 
 

@@ -98,3 +98,29 @@ def test_bad_model_configs_are_refused():
         ModelConfig(architecture="paper", window_frames=50)
     with pytest.raises(ConfigError, match="input_norm"):
         ModelConfig(input_norm="batch")
+
+
+def test_pcen_is_the_first_order_agc_and_cancels_level_and_tilt():
+    import numpy as np
+    import scipy.signal
+
+    from sonicrec.model import PCEN_TIME_FRAMES, pcen
+
+    rng = np.random.default_rng(0)
+    db = torch.tensor(rng.normal(-20.0, 10.0, (2, 3, 400)), dtype=torch.float32)
+    out = pcen(db).numpy()
+    # reference: the IIR smoother run exactly, started at the first frame's steady state
+    energy = 10 ** (db.numpy().astype(np.float64) / 10)
+    t2 = PCEN_TIME_FRAMES**2
+    s = (np.sqrt(1 + 4 * t2) - 1) / (2 * t2)
+    zi = scipy.signal.lfilter_zi([s], [1, s - 1]) * energy[..., :1]
+    smooth, _ = scipy.signal.lfilter([s], [1, s - 1], energy, axis=-1, zi=zi)
+    expected = (energy / (1e-6 + smooth) ** 0.98 + 2.0) ** 0.5 - 2.0**0.5
+    assert out.shape == (2, 3, 400)
+    np.testing.assert_allclose(out, expected, atol=0.02)
+    # 20 dB louder and a static tilt of up to 15 dB across the bands barely move it (gain 0.98)
+    tilt = torch.linspace(-15.0, 15.0, 3)[None, :, None]
+    moved = pcen(db + 20.0 + tilt).numpy()
+    assert np.abs(moved - out).mean() < 0.1 * np.abs(out).mean()
+    plain = AudioCNN(ModelConfig.small(input_norm="pcen"), n_mels=3, n_factors=4).eval()
+    assert plain(db).shape == (2, 4)

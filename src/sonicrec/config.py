@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 AUGMENTATIONS = ("gain", "eq", "bandlimit", "noise", "mask")  # sonicrec.augment
-INPUT_NORMS = ("band", "none", "excerpt", "excerpt-band")  # sonicrec.model.AudioCNN
+INPUT_NORMS = ("band", "none", "excerpt", "excerpt-band", "pcen")  # sonicrec.model.AudioCNN
 
 
 def _check(condition: bool, message: str) -> None:
@@ -114,7 +114,8 @@ class ModelConfig:
     window_hop: int = 65  # paper variant: frames between the starts of consecutive windows
     # "band": per-mel-band mean/std of the training set; "excerpt": each excerpt's own mean/std
     # (level-invariant); "excerpt-band": each band's own mean over time and the excerpt's std
-    # (level- and EQ-invariant); "none"
+    # (level- and EQ-invariant); "pcen": per-channel energy normalisation (automatic gain control per
+    # band, then root compression; sonicrec.model.pcen); "none"
     input_norm: str = "band"
     batch_norm: bool = False  # BatchNorm after each convolution (not in the blog model)
 

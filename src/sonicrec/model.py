@@ -38,6 +38,34 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+#: PCEN's smoother: a time constant of 8 frames, 0.4 s at the default hop (librosa's default).
+PCEN_TIME_FRAMES = 8.0
+
+
+def pcen(logmel_db: torch.Tensor, *, gain: float = 0.98, bias: float = 2.0, power: float = 0.5,
+         time_frames: float = PCEN_TIME_FRAMES, eps: float = 1e-6) -> torch.Tensor:
+    """Per-channel energy normalisation of log-mels in dB (B, M, T) -> (B, M, T).
+
+    Wang, Getreuer, Hughes, Lyon & Saurous, *Trainable frontend for robust and far-field keyword
+    spotting* (ICASSP 2017): each band's energy E is divided by a causal moving average M of itself
+    (first-order IIR, smoothing ``s``), ``(E / (eps + M)**gain + bias)**power - bias**power``: an
+    automatic gain control per band, so a track's level and static EQ tilt largely cancel. The IIR
+    is applied as a causal convolution with its exponential impulse response (truncated at 1e-3),
+    the first frame held before the start; defaults are librosa's ``pcen``.
+    """
+    energy = torch.pow(10.0, logmel_db.float() / 10.0)
+    t2 = time_frames**2
+    s = ((1 + 4 * t2) ** 0.5 - 1) / (2 * t2)
+    taps = max(1, int(torch.log(torch.tensor(1e-3)) / torch.log(torch.tensor(1 - s))) + 1)
+    kernel = s * (1 - s) ** torch.arange(taps - 1, -1, -1, dtype=energy.dtype, device=energy.device)
+    kernel = (kernel / kernel.sum()).view(1, 1, taps)
+    batch, bands, frames = energy.shape
+    flat = energy.reshape(batch * bands, 1, frames)
+    padded = torch.cat([flat[..., :1].expand(-1, -1, taps - 1), flat], dim=-1)
+    smooth = nn.functional.conv1d(padded, kernel).view(batch, bands, frames)
+    return (energy / (eps + smooth) ** gain + bias) ** power - bias**power
+
+
 class GlobalTemporalPooling(nn.Module):
     """Mean, max and L2 norm over time, concatenated: (B, C, T) -> (B, 3C)."""
 
@@ -109,7 +137,9 @@ class AudioCNN(nn.Module):
         return self._excerpt(windows).view(batch, n_windows, -1).mean(dim=1)  # (B, D)
 
     def _excerpt_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-excerpt standardisation of ``model.input_norm`` "excerpt" / "excerpt-band" (else x)."""
+        """Per-excerpt normalisation of ``model.input_norm`` "excerpt" / "excerpt-band" / "pcen" (else x)."""
+        if self.cfg.input_norm == "pcen":
+            return pcen(x)
         if self.cfg.input_norm == "excerpt":
             centre = x.mean(dim=(1, 2), keepdim=True)
         elif self.cfg.input_norm == "excerpt-band":
