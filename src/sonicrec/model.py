@@ -18,6 +18,8 @@ output size come from the run's ``[audio] n_mels`` and ``[cf] factors`` (:meth:`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -56,7 +58,7 @@ def pcen(logmel_db: torch.Tensor, *, gain: float = 0.98, bias: float = 2.0, powe
     energy = torch.pow(10.0, logmel_db.float() / 10.0)
     t2 = time_frames**2
     s = ((1 + 4 * t2) ** 0.5 - 1) / (2 * t2)
-    taps = max(1, int(torch.log(torch.tensor(1e-3)) / torch.log(torch.tensor(1 - s))) + 1)
+    taps = max(1, int(math.log(1e-3) / math.log(1 - s)) + 1)
     kernel = s * (1 - s) ** torch.arange(taps - 1, -1, -1, dtype=energy.dtype, device=energy.device)
     kernel = (kernel / kernel.sum()).view(1, 1, taps)
     batch, bands, frames = energy.shape

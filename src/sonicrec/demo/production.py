@@ -148,7 +148,7 @@ def apply_mix(y: np.ndarray, mix: Mix, sample_rate: int, rng: np.random.Generato
     y = compressor(y[None, :], sample_rate)[0]
     if mix.noise_snr_db:
         noise = coloured_noise(len(y), mix.noise_slope, rng)
-        y = y + noise * (_rms(y) / _rms(noise) * 10 ** (-mix.noise_snr_db / 20))
+        y = y + noise * (rms(y) / rms(noise) * 10 ** (-mix.noise_snr_db / 20))
     y = _at_rms(y, mix.loudness_db)
     return (PEAK * np.tanh(y / PEAK)).astype(np.float32)  # a loud master's peaks are clipped softly
 
@@ -161,12 +161,15 @@ def coloured_noise(n: int, slope: float, rng: np.random.Generator) -> np.ndarray
     return np.fft.irfft(spectrum * f ** (slope / 2), n).astype(np.float32)
 
 
-def _rms(y: np.ndarray) -> float:
+def rms(y: np.ndarray) -> float:
+    """Root mean square (float64 accumulation), at least 1e-9."""
     return max(float(np.sqrt(np.mean(np.square(y, dtype=np.float64)))), 1e-9)
 
 
 def _at_rms(y: np.ndarray, db: float) -> np.ndarray:
-    return (y * (10 ** (db / 20) / _rms(y))).astype(np.float32)
+    return (y * (10 ** (db / 20) / rms(y))).astype(np.float32)
 
 
-__all__ = ["PRODUCTIONS", "Mix", "apply_mix", "coloured_noise", "draw_mix", "drum_pattern", "soundfonts"]
+__all__ = [
+    "PRODUCTIONS", "Mix", "apply_mix", "coloured_noise", "draw_mix", "drum_pattern", "rms", "soundfonts",
+]

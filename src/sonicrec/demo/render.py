@@ -43,6 +43,7 @@ from sonicrec.demo.production import (
     apply_mix,
     draw_mix,
     drum_pattern,
+    rms,
     soundfonts,
 )
 from sonicrec.errors import DataError, require
@@ -646,7 +647,8 @@ def _synthesize(perf: _Performance, rng: np.random.Generator, mix: Mix | None = 
     mono = reverb(stereo.mean(axis=1)[None, :], SAMPLE_RATE)[0].astype(np.float32)
     if mix is None:
         return _normalise(mono)
-    return _fade(apply_mix(_audible(mono), mix, SAMPLE_RATE, rng))
+    _audible_rms(mono)
+    return _fade(apply_mix(mono, mix, SAMPLE_RATE, rng))
 
 
 def _no_overlap(perf: _Performance) -> np.ndarray:
@@ -659,16 +661,17 @@ def _no_overlap(perf: _Performance) -> np.ndarray:
     return offsets
 
 
-def _audible(y: np.ndarray) -> np.ndarray:
-    if float(np.sqrt(np.mean(y.astype(np.float64) ** 2))) < 1e-5:
+def _audible_rms(y: np.ndarray) -> float:
+    """The RMS of rendered audio; silent audio is an error."""
+    level = rms(y)
+    if level < 1e-5:
         raise DataError("the rendered audio is silent")
-    return y
+    return level
 
 
 def _normalise(y: np.ndarray) -> np.ndarray:
     """Scale to TARGET_RMS_DB (peaks held under PEAK_LIMIT), with a short fade in and out."""
-    rms = float(np.sqrt(np.mean(_audible(y).astype(np.float64) ** 2)))
-    y = y * (10 ** (TARGET_RMS_DB / 20) / rms)
+    y = y * (10 ** (TARGET_RMS_DB / 20) / _audible_rms(y))
     peak = float(np.abs(y).max())
     if peak > PEAK_LIMIT:
         y *= PEAK_LIMIT / peak
