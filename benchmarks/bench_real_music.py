@@ -17,7 +17,13 @@ the log-mel (2 x n_mels numbers, z-scored over the tracks) and for random vector
 * **unfamiliar**: the share of tracks the model's familiarity score flags (``sonicrec.familiarity``);
 * through ``Recommender.similar`` / ``audience`` on the files themselves (models of the run only):
   the share of the top-10 lists holding the single most frequent song (user), and how many distinct
-  songs (users) all lists return. ``--raw`` adds the same for the raw scores, where the API has them.
+  songs (users) all lists return, and the same for the raw scores.
+
+``--adapt`` adds each model adapted to the recordings (:mod:`sonicrec.adapt`, which sees audio only,
+never the groups): "adapted to the other half" splits the groups in two halves, adapts on one half
+and measures the other, both ways (as a catalogue adapted to would meet new albums; every figure is
+then measured within a half, so the baseline is given within halves too); "adapted (all)" adapts
+on the very tracks it measures.
 
 A second table gives the same list statistics for the run's own test songs (simulated listeners),
 queried by track id, for reference. Log-mel spectrograms are cached in ``--cache`` (keyed by the
@@ -28,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -39,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sonicrec.adapt import adapt_predictor, training_predictions
 from sonicrec.config import AudioConfig
 from sonicrec.factors import Factors, Predictions, unit_rows
 from sonicrec.features import extract_track
@@ -123,21 +129,20 @@ class _Lookup:
         return self.factors[[self.rows[str(p)] for p in paths]]
 
 
-def recommender_rows(rec: Recommender, queries: list[str], *, skip_query: bool) -> dict[str, str]:
-    """List statistics of ``similar`` and ``audience`` for each query, default and (if any) raw."""
-    modes = {"": {}}
-    if "raw" in inspect.signature(rec.similar).parameters:
-        modes["raw "] = {"raw": True}
+def recommender_stats(rec: Recommender, queries: list[str], *, skip_query: bool) -> dict[str, float]:
+    """List statistics of ``similar`` and ``audience`` for each query, default and raw."""
     out = {}
-    for label, options in modes.items():
+    for label, options in {"": {}, "raw ": {"raw": True}}.items():
         songs = [rec.similar(q, K + skip_query, **options).ids[int(skip_query):] for q in queries]
         users = [rec.audience(q, K, **options).ids for q in queries]
         (s_top, s_distinct), (u_top, u_distinct) = list_stats(songs), list_stats(users)
-        out[f"{label}top song"] = f"{s_top:.1%}"
-        out[f"{label}songs"] = str(s_distinct)
-        out[f"{label}top user"] = f"{u_top:.1%}"
-        out[f"{label}users"] = str(u_distinct)
+        out |= {f"{label}top song": s_top, f"{label}songs": s_distinct,
+                f"{label}top user": u_top, f"{label}users": u_distinct}
     return out
+
+
+def _formatted(stats: dict[str, float]) -> dict[str, str]:
+    return {k: f"{v:.1%}" if "top" in k else f"{v:.0f}" for k, v in stats.items()}
 
 
 def markdown(rows: list[dict[str, str]]) -> str:
@@ -147,28 +152,72 @@ def markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def halves(groups: np.ndarray) -> list[np.ndarray]:
+    """Track indices of two halves of the groups (alternate groups in sorted order)."""
+    names = np.unique(groups)
+    return [np.flatnonzero(np.isin(groups, names[i::2])) for i in (0, 1)]
+
+
+def adapted_parts(run: RunDir, name: str, predictor: Predictor, logmels: np.ndarray,
+                  groups: np.ndarray) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """(track indices, factors) of ``predictor`` within halves, adapted to the other half's tracks,
+    and adapted to all."""
+    reference = training_predictions(run, name)
+    parts = halves(groups)
+    plain = [(part, predictor.predict_logmel(logmels[part])) for part in parts]
+    crossed = [
+        (part, adapt_predictor(predictor, logmels[other], reference).predict_logmel(logmels[part]))
+        for part, other in zip(parts, parts[::-1], strict=True)
+    ]
+    every = adapt_predictor(predictor, logmels, reference).predict_logmel(logmels)
+    return {f"{name} within halves": plain, f"{name} adapted to the other half": crossed,
+            f"{name} adapted (all)": [(np.arange(len(logmels)), every)]}
+
+
 def measure(
-    run: RunDir, predictors: dict[str, Predictor], tracks: pd.DataFrame, logmels: np.ndarray, *, seed: int = 0
+    run: RunDir, predictors: dict[str, Predictor], tracks: pd.DataFrame, logmels: np.ndarray, *,
+    seed: int = 0, adapt: bool = False,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """The rows of both tables (module docstring): real recordings, and the run's own test songs."""
+    """The rows of both tables (module docstring): real recordings, and the run's own test songs.
+
+    A row's vectors come in parts, (track indices, vectors) each: neighbours, spread and lists are
+    measured within a part, and averaged over parts (same@10 over tracks); its difference to the
+    log-mel baseline pairs it with the baseline measured within the same parts.
+    """
     groups = tracks.group.to_numpy(str)
+    paths = tracks.path.to_numpy(str)
     lm = logmels.astype(np.float32)
     stats = np.concatenate([lm.mean(axis=2), lm.std(axis=2)], axis=1)
-    vectors = {"log-mel mean/std": (stats - stats.mean(0)) / np.maximum(stats.std(0), 1e-6)}
+    baseline = (stats - stats.mean(0)) / np.maximum(stats.std(0), 1e-6)
+    whole = np.arange(len(tracks))
     factors = Factors.load(run.factors)
-    vectors["random"] = np.random.default_rng(seed).standard_normal((len(tracks), factors.n_factors))
-    familiar = {}
+    rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
+        "log-mel mean/std": [(whole, baseline)],
+        "random": [(whole, np.random.default_rng(seed).standard_normal((len(tracks), factors.n_factors)))],
+    }
+    if adapt:
+        rows["log-mel mean/std within halves"] = [(part, baseline[part]) for part in halves(groups)]
+    familiar, sources = {}, {}
     for name, predictor in predictors.items():
-        vectors[name], scores = predictor.assess_logmel(logmels)
+        vectors, scores = predictor.assess_logmel(logmels)
+        rows[name], sources[name] = [(whole, vectors)], name
         familiar[name] = "n/a" if scores is None else f"{1 - scores.familiar.mean():.1%}"
+        if adapt:
+            adapted = adapted_parts(run, name, predictor, logmels, groups)
+            rows |= adapted
+            sources |= dict.fromkeys(adapted, name)
 
-    base_share, chance = same_group_share(vectors["log-mel mean/std"], groups)
-    n = len(tracks)
-    rows, demo_rows = [], []
-    for name, v in vectors.items():
-        share, _ = same_group_share(v, groups)
-        diff = share - base_share
-        mean_cos, pr = spread(v)
+    def shares(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [same_group_share(v, groups[index]) for index, v in parts]
+        return np.concatenate([s for s, _ in pairs]), np.concatenate([c for _, c in pairs])
+
+    # the baseline within the same parts: the whole set (one part) or the halves (two)
+    base = {len(p): shares([(index, baseline[index]) for index, _ in p])[0] for p in rows.values()}
+    out, demo_rows = [], []
+    for name, parts in rows.items():
+        share, chance = shares(parts)
+        diff, n = share - base[len(parts)], len(share)
+        mean_cos, pr = np.mean([spread(v) for _, v in parts], axis=0)
         row = {
             "vectors": name,
             "same@10": f"{share.mean():.3f} ± {share.std(ddof=1) / np.sqrt(n):.3f}",
@@ -177,13 +226,17 @@ def measure(
             "cos": f"{mean_cos:.3f}",
             "PR": f"{pr:.1f}",
         }
-        if name in predictors:
-            row["unfamiliar"] = familiar[name]
-            rec = Recommender.load(run.root, name, predictor=_Lookup(tracks.path.tolist(), v))
-            row |= recommender_rows(rec, tracks.path.tolist(), skip_query=False)
-            demo_rows.append(_test_song_row(run, name, predictors[name], factors, rec))
-        rows.append(row)
-    return rows, demo_rows
+        if name in sources:
+            row["unfamiliar"] = familiar.get(name, "")
+            lists = []
+            for index, v in parts:
+                rec = Recommender.load(run.root, sources[name], predictor=_Lookup(paths[index].tolist(), v))
+                lists.append(recommender_stats(rec, paths[index].tolist(), skip_query=False))
+            row |= _formatted({k: float(np.mean([s[k] for s in lists])) for k in lists[0]})
+            if name in predictors:
+                demo_rows.append(_test_song_row(run, name, predictors[name], factors, rec))
+        out.append(row)
+    return out, demo_rows
 
 
 def _test_song_row(run: RunDir, name: str, predictor: Predictor, factors: Factors, rec: Recommender) -> dict:
@@ -198,7 +251,7 @@ def _test_song_row(run: RunDir, name: str, predictor: Predictor, factors: Factor
 
         _, scores = predictor.assess_logmel(FeatureStore(run.features).get_many(test))
         row["unfamiliar"] = f"{1 - scores.familiar.mean():.1%}"
-    return row | recommender_rows(rec, test, skip_query=True)
+    return row | _formatted(recommender_stats(rec, test, skip_query=True))
 
 
 def main() -> None:
@@ -208,6 +261,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="models of the run (default: every checkpoint)")
     parser.add_argument("--cache", type=Path, help="folder for the decoded log-mels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapt", action="store_true", help="also each model adapted to the recordings")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     run = RunDir(args.run)
@@ -217,7 +271,7 @@ def main() -> None:
     tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
     print(f"{len(tracks)} tracks in {tracks.group.nunique()} groups; run {run.root}; "
           f"load {os.getloadavg()[0]:.1f}")
-    rows, demo_rows = measure(run, predictors, tracks, logmels, seed=args.seed)
+    rows, demo_rows = measure(run, predictors, tracks, logmels, seed=args.seed, adapt=args.adapt)
     print("\nReal recordings (same@10 ± SE over tracks; vs log-mel: paired difference ± its SE; unfamiliar: "
           "share flagged by the familiarity score)\n")
     print(markdown(rows))

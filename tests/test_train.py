@@ -10,6 +10,7 @@ from sonicrec.checkpoint import load_checkpoint
 from sonicrec.config import CFConfig, Config, ModelConfig, TrainConfig
 from sonicrec.errors import ConfigError, DataError, TrainingError
 from sonicrec.factors import Factors, unit_rows
+from sonicrec.features import MemoryStore
 from sonicrec.interactions import PlayMatrix
 from sonicrec.predict import Predictor
 from sonicrec.train import MSEObjective, WPEObjective, band_statistics, fit
@@ -19,27 +20,6 @@ N_FRAMES = 160
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class MemoryStore:
-    """Stand-in with the read interface of sonicrec.features.FeatureStore, float16 like it."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self._arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
-        self.n_mels, self.n_frames = next(iter(self._arrays.values())).shape
-
-    @property
-    def track_ids(self) -> list[str]:
-        return list(self._arrays)
-
-    def __len__(self) -> int:
-        return len(self._arrays)
-
-    def get(self, track_id: str) -> np.ndarray:
-        return self._arrays[track_id]
-
-    def get_many(self, track_ids) -> np.ndarray:
-        return np.stack([self._arrays[t] for t in track_ids])
 
 
 def toy_world(n_songs: int = 48, seed: int = 0):

@@ -879,6 +879,49 @@ def _run_predict(args: argparse.Namespace) -> None:
         print(f"{len(result.unfamiliar)} of {result.n_predicted} files are {UNFAMILIAR_MESSAGE} ({shown})")
 
 
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="adapt a trained model to recordings of another domain (no plays needed)",
+        description=(
+            "Adapt model --model to the audio of AUDIO files or track_id,path manifests, e.g. real "
+            "recordings after a model trained on the demo's rendered audio: re-estimate its input "
+            "standardisation and BatchNorm statistics on them (AdaBN) and map their predicted factors "
+            "to the mean and covariance of the model's predictions for its training songs (CORAL). "
+            "Writes model --name (default MODEL-adapted), for queries of that domain: "
+            "`sonicrec similar RUN_DIR song.ogg --model NAME`. The run's songs stay placed by --model. "
+            f"Needs at least {_min_adapt_tracks()} recordings; files that cannot be used are listed "
+            "(--strict: stop at the first)."
+        ),
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("audio", nargs="+", type=Path, metavar="AUDIO", help="audio files or manifests")
+    p.add_argument("--model", default="cnn-mse", help="the model to adapt (default cnn-mse)")
+    p.add_argument("--name", help="name of the adapted model (default MODEL-adapted)")
+    p.add_argument("--strict", action="store_true", help="stop at the first file that cannot be used")
+    p.add_argument("--workers", type=_positive_int, default=2, help="decoding threads (2)")
+    p.set_defaults(func=_run_adapt)
+
+
+def _min_adapt_tracks() -> int:
+    from sonicrec.adapt import MIN_TRACKS
+
+    return MIN_TRACKS
+
+
+def _run_adapt(args: argparse.Namespace) -> None:
+    from sonicrec.adapt import adapt_run
+
+    result = adapt_run(
+        args.run_dir, args.model, args.audio, name=args.name, strict=args.strict, workers=args.workers,
+        show_progress=args.progress,
+    )
+    for path, reason in result.failures:
+        print(f"failed: {_escape_field(str(path))}\t{_escape_field(reason)}")
+    failed = f"; {len(result.failures)} files could not be used" if result.failures else ""
+    print(f"written: {result.checkpoint} ({args.model} adapted to {result.n_tracks} recordings{failed})")
+
+
 # --- analyse ------------------------------------------------------------------------------------
 
 
@@ -1034,6 +1077,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 _COMMANDS = [
     _add_demo, _add_ingest, _add_factorize, _add_factors, _add_recommend, _add_audience, _add_similar,
     _add_baselines, _add_evaluate, _add_study, _add_learning_curve, _add_warmup, _add_train, _add_predict,
+    _add_adapt,
     _add_export, _add_analyse, _add_neighbours, _add_serve,
 ]
 

@@ -31,6 +31,14 @@ QUANTILE = 0.99
 UNFAMILIAR_MESSAGE = "unlike anything the model was trained on: treat these results with care"
 
 
+def shrunk_covariance(x: np.ndarray, shrinkage: float = SHRINKAGE) -> np.ndarray:
+    """``(1 - a) S + a tr(S) / D I`` of the sample covariance S of rows x (n, D): positive definite."""
+    x = np.asarray(x, np.float64)
+    d = x.shape[1]
+    cov = np.cov(x, rowvar=False).reshape(d, d)
+    return (1 - shrinkage) * cov + shrinkage * max(np.trace(cov) / d, 1e-12) * np.eye(d)
+
+
 @dataclass(frozen=True)
 class FamiliarityScores:
     """Familiarity of n inputs.
@@ -81,10 +89,7 @@ class Familiarity:
         if train.ndim != 2 or len(train) < 2:
             raise DataError(f"familiarity needs at least 2 training activations (N, D), not {train.shape}")
         mean = train.mean(axis=0)
-        cov = np.cov(train, rowvar=False).reshape(train.shape[1], train.shape[1])
-        d = cov.shape[0]
-        shrunk = (1 - SHRINKAGE) * cov + SHRINKAGE * max(np.trace(cov) / d, 1e-12) * np.eye(d)
-        fam = cls(mean, np.linalg.inv(shrunk), np.zeros(0), 0.0)
+        fam = cls(mean, np.linalg.inv(shrunk_covariance(train)), np.zeros(0), 0.0)
         calibration = np.asarray(calibration, np.float64)
         reference = np.sort(fam.distances(calibration if len(calibration) else train))
         return cls(mean, fam.precision, reference, float(np.quantile(reference, quantile)))

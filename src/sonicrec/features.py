@@ -80,6 +80,29 @@ class LogMelStore(Protocol):
     def get_many(self, track_ids: Sequence[str]) -> np.ndarray: ...
 
 
+class MemoryStore:
+    """A :class:`LogMelStore` of log-mels held in memory, float16 like a :class:`FeatureStore`."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        if not arrays:
+            raise DataError("a store needs at least one log-mel spectrogram")
+        self._arrays = {k: np.asarray(v).astype(np.float16) for k, v in arrays.items()}
+        self.n_mels, self.n_frames = next(iter(self._arrays.values())).shape
+
+    @property
+    def track_ids(self) -> list[str]:
+        return list(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def get(self, track_id: str) -> np.ndarray:
+        return self._arrays[track_id]
+
+    def get_many(self, track_ids: Sequence[str]) -> np.ndarray:
+        return np.stack([self._arrays[t] for t in track_ids])
+
+
 class FeatureStore:
     """Read-only access to a feature store: ``store.get(track_id) -> (n_mels, n_frames) float16``.
 

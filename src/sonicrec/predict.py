@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sonicrec.checkpoint import checkpoint_config, load_checkpoint
-from sonicrec.config import Config
+from sonicrec.config import AudioConfig, Config
 from sonicrec.errors import AudioError, DataError, RunStage
 from sonicrec.factors import Factors, Predictions
 from sonicrec.familiarity import Familiarity, FamiliarityScores
@@ -50,15 +50,16 @@ class Predictor:
     familiarity : how far inputs lie from the training songs (:mod:`sonicrec.familiarity`), or None
         for a model without one (``familiarity.npz`` beside the checkpoint, written by
         :func:`predict_run`).
+    adapted_from : for a model adapted to another domain (:mod:`sonicrec.adapt`), its source's name
     """
 
     def __init__(
         self, model: AudioCNN, config: Config, *, target: str, device: torch.device,
-        familiarity: Familiarity | None = None,
+        familiarity: Familiarity | None = None, adapted_from: str | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.config, self.target, self.device = config, target, device
-        self.familiarity = familiarity
+        self.familiarity, self.adapted_from = familiarity, adapted_from
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto") -> Predictor:
@@ -71,7 +72,8 @@ class Predictor:
         fam_path = Path(path).parent / FAMILIARITY_FILE
         familiarity = Familiarity.load(fam_path) if fam_path.is_file() else None
         return cls(
-            model, config, target=state["target"], device=select_device(device), familiarity=familiarity
+            model, config, target=state["target"], device=select_device(device), familiarity=familiarity,
+            adapted_from=state.get("adapted_from"),
         )
 
     @property
@@ -146,7 +148,7 @@ class Predictor:
         runs. ``strict``: raise the first :class:`~sonicrec.errors.AudioError` instead.
         """
         paths = [Path(p) for p in paths]
-        front_end = partial(_logmel_or_reason, cfg=self.config.audio, strict=strict)
+        front_end = partial(logmel_or_reason, cfg=self.config.audio, strict=strict)
         with ThreadPoolExecutor(max(1, min(workers, len(paths)))) as pool:
             inputs = _ahead(pool, front_end, paths, 2 * batch_size)
             return self._predict_inputs(inputs, len(paths), batch_size=batch_size, progress=show_progress)
@@ -248,7 +250,8 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
 
 
-def _logmel_or_reason(path: Path, cfg, strict: bool) -> tuple[np.ndarray | None, str | None]:
+def logmel_or_reason(path: Path, cfg: AudioConfig, strict: bool) -> tuple[np.ndarray | None, str | None]:
+    """The log-mel of an audio file, or why there is none (``strict``: raise the AudioError instead)."""
     from sonicrec.audio import file_to_logmel
 
     try:
@@ -296,7 +299,8 @@ def predict_run(
     """Predict every track of RUN/features with model ``name``; writes and returns RUN/predictions/NAME.npz
     (``song_ids`` (S,) str, ``factors`` (S, k) float32), and fits the model's familiarity on the
     way (familiarity.npz beside the checkpoint: the train split's activations, calibrated on the
-    valid split's).
+    valid split's). A model adapted to another domain (:mod:`sonicrec.adapt`) gets its familiarity
+    so, but the run's songs, of the source's domain, are placed by its source model.
 
     ``checkpoint``: the model file (default RUN/model/NAME/checkpoint.pt).
     """
@@ -309,6 +313,9 @@ def predict_run(
     familiarity = _fit_familiarity(run, song_ids, embeddings)
     if familiarity is not None:
         familiarity.save(checkpoint.parent / FAMILIARITY_FILE)
+    if predictor.adapted_from is not None:
+        source = Predictor.load(run.checkpoint(predictor.adapted_from))
+        song_ids, factors = source.predict_store(store, batch_size=batch_size, show_progress=show_progress)
     return save_run_predictions(run, name, song_ids, factors)
 
 

@@ -295,7 +295,8 @@ def predict_run_spark(
     its audio file, without a feature store) with model ``name``; writes RUN/predictions/NAME.parquet
     (a Spark folder: ``track_id`` and ``factor_0`` ... ``factor_{k-1}``, float32) and
     RUN/predictions/NAME.npz (``song_ids``, ``factors``) for the local pipeline. ``checkpoint``:
-    the model file (default RUN/model/NAME/checkpoint.pt).
+    the model file (default RUN/model/NAME/checkpoint.pt); an adapted model's songs are predicted
+    by its source (:mod:`sonicrec.adapt`).
 
     Returns
     -------
@@ -304,7 +305,10 @@ def predict_run_spark(
     from sonicrec.predict import Predictor, run_checkpoint, save_run_predictions
 
     run, checkpoint = run_checkpoint(run, name, checkpoint)
-    n_factors = Predictor.load(checkpoint, device="cpu").n_factors  # fails early on a bad checkpoint
+    predictor = Predictor.load(checkpoint, device="cpu")  # fails early on a bad checkpoint
+    if predictor.adapted_from is not None:  # as predict_run: the run's songs are placed by the source
+        checkpoint = run.checkpoint(predictor.adapted_from)
+    n_factors = predictor.n_factors
     frame, store = _tracks_to_predict(run, from_audio=from_audio)
     parquet = run.predictions / f"{name}.parquet"
     staged = run.predictions / f".{name}.parquet.{uuid.uuid4().hex}"
