@@ -118,3 +118,20 @@ def test_adapt_command_writes_a_model_for_the_new_domain(tiny_world, tmp_path, c
         adapt_run(run, "cnn-mse", files, name="cnn-mse")
     with pytest.raises(DataError, match=f"at least {MIN_TRACKS} recordings"):
         adapt_run(run, "cnn-mse", files[:3] + [broken], name="few")
+
+
+def test_each_step_can_be_left_out():
+    rng = np.random.default_rng(3)
+    predictor = small_predictor()
+    other, reference = logmels(MIN_TRACKS, rng, level=-10.0), rng.normal(size=(50, 4))
+    only_input = adapt_predictor(predictor, other, reference, steps=("input",))
+    norms = [m for m in only_input.model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in norms)  # untouched
+    assert torch.equal(only_input.model.output.weight, predictor.model.output.weight)
+    assert only_input.model.band_mean.mean() == pytest.approx(float(other.mean()), abs=0.01)
+    only_coral = adapt_predictor(predictor, other, reference, steps=("coral",))
+    assert torch.equal(only_coral.model.band_mean, predictor.model.band_mean)
+    coral_mean = only_coral.predict_logmel(other).mean(axis=0)
+    np.testing.assert_allclose(coral_mean, reference.mean(axis=0), atol=1e-4)
+    with pytest.raises(DataError, match="unknown adaptation steps"):
+        adapt_predictor(predictor, other, reference, steps=("reverb",))

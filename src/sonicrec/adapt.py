@@ -47,25 +47,34 @@ from sonicrec.train import band_statistics
 log = logging.getLogger(__name__)
 
 MIN_TRACKS = 32  # fewer recordings estimate neither the band statistics nor a covariance of the factors
+STEPS = ("input", "batchnorm", "coral")  # the module docstring's three steps, in order
 
 
 def adapt_predictor(
-    predictor: Predictor, logmels: np.ndarray, reference: np.ndarray, *, batch_size: int = 64
+    predictor: Predictor, logmels: np.ndarray, reference: np.ndarray, *, steps: Sequence[str] = STEPS,
+    batch_size: int = 64,
 ) -> Predictor:
     """A copy of ``predictor`` adapted to log-mels (n, n_mels, T) of the new domain (module docstring).
 
     ``reference``: (m, n_factors) the source model's predictions of its training songs, whose mean and
-    covariance the adapted predictions of ``logmels`` take. The copy has no familiarity model.
+    covariance the adapted predictions of ``logmels`` take. ``steps``: which of :data:`STEPS` to
+    take (all by default). The copy has no familiarity model.
     """
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        raise DataError(f"unknown adaptation steps {unknown}: choose from {', '.join(STEPS)}")
     if len(logmels) < MIN_TRACKS:
         raise DataError(f"adapting a model needs at least {MIN_TRACKS} recordings of the new domain, "
                         f"not {len(logmels)}")
     model = copy.deepcopy(predictor.model).cpu()
     store = MemoryStore({str(i): x for i, x in enumerate(logmels)})
-    model.set_input_norm(*map(torch.from_numpy, band_statistics(store, store.track_ids)))
-    _recompute_batch_norm(model, store.get_many(store.track_ids), batch_size)
+    if "input" in steps:
+        model.set_input_norm(*map(torch.from_numpy, band_statistics(store, store.track_ids)))
+    if "batchnorm" in steps:
+        _recompute_batch_norm(model, store.get_many(store.track_ids), batch_size)
     adapted = Predictor(model, predictor.config, target=predictor.target, device=torch.device("cpu"))
-    _fold_coral(model.output, adapted.predict_logmel(logmels, batch_size=batch_size), reference)
+    if "coral" in steps:
+        _fold_coral(model.output, adapted.predict_logmel(logmels, batch_size=batch_size), reference)
     return adapted
 
 
