@@ -14,7 +14,8 @@ the log-mel (2 x n_mels numbers, z-scored over the tracks) and for random vector
 * **cos**: mean pairwise cosine of the vectors (0 for isotropic ones; 1 when all collapse together);
 * **PR**: participation ratio of the covariance of the unit vectors, (sum l)^2 / sum l^2 over its
   eigenvalues l (the number of directions the tracks spread over; at most the dimension);
-* **unfamiliar**: the share of tracks the model's familiarity score flags (``sonicrec.familiarity``);
+* **unfamiliar**: the share of tracks the model's familiarity score flags (``sonicrec.familiarity``;
+  an adapted model's is with the recordings it was adapted to);
 * through ``Recommender.similar`` / ``audience`` on the files themselves (models of the run only):
   the share of the top-10 lists holding the single most frequent song (user), and how many distinct
   songs (users) all lists return, and the same for the raw scores.
@@ -158,20 +159,25 @@ def halves(groups: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(np.isin(groups, names[i::2])) for i in (0, 1)]
 
 
-def adapted_parts(run: RunDir, name: str, predictor: Predictor, logmels: np.ndarray,
-                  groups: np.ndarray) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+def adapted_parts(
+    run: RunDir, name: str, predictor: Predictor, logmels: np.ndarray, groups: np.ndarray
+) -> tuple[dict[str, list[tuple[np.ndarray, np.ndarray]]], dict[str, str]]:
     """(track indices, factors) of ``predictor`` within halves, adapted to the other half's tracks,
-    and adapted to all."""
+    and adapted to all; and the share of tracks the adapted models flag unfamiliar."""
     reference = training_predictions(run, name)
     parts = halves(groups)
     plain = [(part, predictor.predict_logmel(logmels[part])) for part in parts]
-    crossed = [
-        (part, adapt_predictor(predictor, logmels[other], reference).predict_logmel(logmels[part]))
-        for part, other in zip(parts, parts[::-1], strict=True)
-    ]
-    every = adapt_predictor(predictor, logmels, reference).predict_logmel(logmels)
-    return {f"{name} within halves": plain, f"{name} adapted to the other half": crossed,
-            f"{name} adapted (all)": [(np.arange(len(logmels)), every)]}
+    crossed, flagged = [], 0
+    for part, other in zip(parts, parts[::-1], strict=True):
+        factors, scores = adapt_predictor(predictor, logmels[other], reference).assess_logmel(logmels[part])
+        crossed.append((part, factors))
+        flagged += int((~scores.familiar).sum())
+    every, scores = adapt_predictor(predictor, logmels, reference).assess_logmel(logmels)
+    crossed_name, every_name = f"{name} adapted to the other half", f"{name} adapted (all)"
+    familiar = {crossed_name: f"{flagged / len(logmels):.1%}",
+                every_name: f"{1 - scores.familiar.mean():.1%}"}
+    return {f"{name} within halves": plain, crossed_name: crossed,
+            every_name: [(np.arange(len(logmels)), every)]}, familiar
 
 
 def measure(
@@ -203,8 +209,9 @@ def measure(
         rows[name], sources[name] = [(whole, vectors)], name
         familiar[name] = "n/a" if scores is None else f"{1 - scores.familiar.mean():.1%}"
         if adapt:
-            adapted = adapted_parts(run, name, predictor, logmels, groups)
+            adapted, adapted_familiar = adapted_parts(run, name, predictor, logmels, groups)
             rows |= adapted
+            familiar |= adapted_familiar
             sources |= dict.fromkeys(adapted, name)
 
     def shares(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

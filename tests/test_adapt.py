@@ -100,7 +100,12 @@ def test_adapt_command_writes_a_model_for_the_new_domain(tiny_world, tmp_path, c
     assert "failed: " in out and "broken.wav" in out
     assert f"cnn-mse adapted to {MIN_TRACKS} recordings; 1 files could not be used" in out
     adapted = Predictor.load(run.checkpoint("cnn-mse-adapted"))
-    assert adapted.adapted_from == "cnn-mse" and adapted.familiarity is not None
+    assert adapted.adapted_from == "cnn-mse"
+    # familiar: recordings like those it was adapted to, more than the run's own tones
+    familiar_files = adapted.assess_files(files)[1].familiar.mean()
+    assert familiar_files >= 0.75
+    tones = [run.audio / f"song{i:02d}.wav" for i in range(32)]
+    assert adapted.assess_files(tones)[1].familiar.mean() < familiar_files - 0.2
     # the run's songs stay placed by the source model
     source = Predictions.load(run.prediction("cnn-mse"), n_factors=4)
     copy = Predictions.load(run.prediction("cnn-mse-adapted"), n_factors=4)

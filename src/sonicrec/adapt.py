@@ -18,7 +18,9 @@ domain, and no plays, three standard steps move the network's statistics to it:
 The result is an ordinary checkpoint of the same architecture (``RUN/model/NAME``, marked
 ``adapted_from``), for queries of the new domain: ``sonicrec similar RUN song.ogg --model NAME``.
 The run's own songs are of the source's domain, so the catalogue stays placed by the source model
-(:func:`sonicrec.predict.predict_run` predicts them with it).
+(:func:`sonicrec.predict.predict_run` predicts them with it). Its familiarity score is with the new
+domain: an input unlike the recordings it was adapted to is flagged, a song like the source's
+training songs included.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from tqdm.auto import tqdm
 from sonicrec.checkpoint import INFERENCE_KEYS, load_checkpoint, save_checkpoint
 from sonicrec.errors import AudioError, DataError, RunStage
 from sonicrec.factors import Factors, Predictions
-from sonicrec.familiarity import shrunk_covariance
+from sonicrec.familiarity import Familiarity, shrunk_covariance
 from sonicrec.features import MemoryStore
-from sonicrec.predict import Predictor, audio_inputs, logmel_or_reason, predict_run
+from sonicrec.predict import FAMILIARITY_FILE, Predictor, audio_inputs, logmel_or_reason, predict_run
 from sonicrec.rundir import RunDir, check_model_name
 from sonicrec.train import band_statistics
 
@@ -58,7 +60,8 @@ def adapt_predictor(
 
     ``reference``: (m, n_factors) the source model's predictions of its training songs, whose mean and
     covariance the adapted predictions of ``logmels`` take. ``steps``: which of :data:`STEPS` to
-    take (all by default). The copy has no familiarity model.
+    take (all by default). The copy's familiarity is with the new domain: how far an input lies
+    from ``logmels`` (:func:`_domain_familiarity`).
     """
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
@@ -73,9 +76,18 @@ def adapt_predictor(
     if "batchnorm" in steps:
         _recompute_batch_norm(model, store.get_many(store.track_ids), batch_size)
     adapted = Predictor(model, predictor.config, target=predictor.target, device=torch.device("cpu"))
-    if "coral" in steps:
-        _fold_coral(model.output, adapted.predict_logmel(logmels, batch_size=batch_size), reference)
+    factors, embeddings = adapted.embed_logmel(logmels, batch_size=batch_size)
+    if "coral" in steps:  # the output layer only: the embeddings stay as they are
+        _fold_coral(model.output, factors, reference)
+    adapted.familiarity = _domain_familiarity(embeddings)
     return adapted
+
+
+def _domain_familiarity(embeddings: np.ndarray) -> Familiarity:
+    """Familiarity with the new domain: fitted on a seeded 80% of its recordings, calibrated on the rest."""
+    order = np.random.default_rng(0).permutation(len(embeddings))
+    held_out = max(1, len(order) // 5)
+    return Familiarity.fit(embeddings[order[held_out:]], embeddings[order[:held_out]])
 
 
 @torch.no_grad()
@@ -167,6 +179,7 @@ def adapt_run(
            "adapted_from": source, "adapted_tracks": len(logmels)},
         out,
     )
+    adapted.familiarity.save(out.parent / FAMILIARITY_FILE)
     predict_run(run, name, show_progress=show_progress)
     log.info("adapted %s to %d recordings -> %s", source, len(logmels), out)
     return Adaptation(name, out, len(logmels), failures)

@@ -299,23 +299,25 @@ def predict_run(
     """Predict every track of RUN/features with model ``name``; writes and returns RUN/predictions/NAME.npz
     (``song_ids`` (S,) str, ``factors`` (S, k) float32), and fits the model's familiarity on the
     way (familiarity.npz beside the checkpoint: the train split's activations, calibrated on the
-    valid split's). A model adapted to another domain (:mod:`sonicrec.adapt`) gets its familiarity
-    so, but the run's songs, of the source's domain, are placed by its source model.
+    valid split's). For a model adapted to another domain (:mod:`sonicrec.adapt`) the run's songs, of
+    the source's domain, are placed by its source model, and its familiarity (with the new domain,
+    written by :func:`sonicrec.adapt.adapt_run`) is kept.
 
     ``checkpoint``: the model file (default RUN/model/NAME/checkpoint.pt).
     """
     run, checkpoint = run_checkpoint(run, name, checkpoint)
     predictor = Predictor.load(checkpoint)
     store = stored_tracks(run)
+    if predictor.adapted_from is not None:
+        source = Predictor.load(run.checkpoint(predictor.adapted_from))
+        song_ids, factors = source.predict_store(store, batch_size=batch_size, show_progress=show_progress)
+        return save_run_predictions(run, name, song_ids, factors)
     song_ids, factors, embeddings = predictor.embed_store(
         store, batch_size=batch_size, show_progress=show_progress
     )
     familiarity = _fit_familiarity(run, song_ids, embeddings)
     if familiarity is not None:
         familiarity.save(checkpoint.parent / FAMILIARITY_FILE)
-    if predictor.adapted_from is not None:
-        source = Predictor.load(run.checkpoint(predictor.adapted_from))
-        song_ids, factors = source.predict_store(store, batch_size=batch_size, show_progress=show_progress)
     return save_run_predictions(run, name, song_ids, factors)
 
 
