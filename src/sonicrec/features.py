@@ -86,7 +86,7 @@ class MemoryStore:
     def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         if not arrays:
             raise DataError("a store needs at least one log-mel spectrogram")
-        self._arrays = {k: np.asarray(v).astype(np.float16) for k, v in arrays.items()}
+        self._arrays = {k: np.asarray(v, np.float16) for k, v in arrays.items()}
         self.n_mels, self.n_frames = next(iter(self._arrays.values())).shape
 
     @property
