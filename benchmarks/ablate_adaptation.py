@@ -10,18 +10,18 @@ the log-mel baseline within the same halves).
 
 from __future__ import annotations
 
-import argparse
 import os
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 from bench_real_music import (
-    _formatted,
-    _Lookup,
+    FileVectors,
+    check_arguments,
     decode,
+    formatted_stats,
     halves,
     markdown,
+    model_names,
     read_tracks,
     recommender_stats,
     same_group_share,
@@ -31,18 +31,13 @@ from bench_real_music import (
 from sonicrec.adapt import STEPS, adapt_predictor, training_predictions
 from sonicrec.predict import Predictor
 from sonicrec.recommend import Recommender
-from sonicrec.rundir import CHECKPOINT_FILE, RunDir
+from sonicrec.rundir import RunDir
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("tracks", type=Path)
-    parser.add_argument("--models", nargs="*", help="models of the run (default: every checkpoint)")
-    parser.add_argument("--cache", type=Path, help="folder for the decoded log-mels")
-    args = parser.parse_args()
+    args = check_arguments(__doc__).parse_args()
     run = RunDir(args.run)
-    names = args.models or sorted(p.parent.name for p in run.model.glob(f"*/{CHECKPOINT_FILE}"))
+    names = model_names(run, args.models)
     predictors = {name: Predictor.load(run.checkpoint(name)) for name in names}
     audio = next(iter(predictors.values())).config.audio
     tracks, logmels = decode(read_tracks(args.tracks), audio, args.cache)
@@ -67,7 +62,7 @@ def main() -> None:
                     v = model.predict_logmel(logmels[part])
                     share.append(same_group_share(v, groups[part])[0])
                     spreads.append(spread(v))
-                    rec = Recommender.load(run.root, name, predictor=_Lookup(paths[part].tolist(), v))
+                    rec = Recommender.load(run.root, name, predictor=FileVectors(paths[part].tolist(), v))
                     lists.append(recommender_stats(rec, paths[part].tolist(), skip_query=False))
                 share = np.concatenate(share)
                 diff = share - base
@@ -78,7 +73,7 @@ def main() -> None:
                     "vs log-mel": f"{diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}",
                     "cos": f"{mean_cos:.3f}", "PR": f"{pr:.1f}",
                 }
-                rows.append(row | _formatted({k: float(np.mean([s[k] for s in lists])) for k in lists[0]
+                rows.append(row | formatted_stats({k: float(np.mean([s[k] for s in lists])) for k in lists[0]
                                               if not k.startswith("raw")}))
                 print(f"  {name} {row['steps']}: same@10 {row['same@10']}", flush=True)
     print(f"\nAdapted on one half of the groups, measured on the other (log-mel baseline within halves: "

@@ -119,7 +119,7 @@ def list_stats(lists: list[np.ndarray]) -> tuple[float, int]:
     return max(counts.values()) / len(lists), len(counts)
 
 
-class _Lookup:
+class FileVectors:
     """A predictor for ``Recommender``: factors of the files already computed, by path."""
 
     def __init__(self, paths: list[str], factors: np.ndarray) -> None:
@@ -142,7 +142,7 @@ def recommender_stats(rec: Recommender, queries: list[str], *, skip_query: bool)
     return out
 
 
-def _formatted(stats: dict[str, float]) -> dict[str, str]:
+def formatted_stats(stats: dict[str, float]) -> dict[str, str]:
     return {k: f"{v:.1%}" if "top" in k else f"{v:.0f}" for k, v in stats.items()}
 
 
@@ -237,9 +237,9 @@ def measure(
             row["unfamiliar"] = familiar.get(name, "")
             lists = []
             for index, v in parts:
-                rec = Recommender.load(run.root, sources[name], predictor=_Lookup(paths[index].tolist(), v))
+                rec = Recommender.load(run.root, sources[name], predictor=FileVectors(paths[index].tolist(), v))
                 lists.append(recommender_stats(rec, paths[index].tolist(), skip_query=False))
-            row |= _formatted({k: float(np.mean([s[k] for s in lists])) for k in lists[0]})
+            row |= formatted_stats({k: float(np.mean([s[k] for s in lists])) for k in lists[0]})
             if name in predictors:
                 demo_rows.append(_test_song_row(run, name, predictors[name], factors, rec))
         out.append(row)
@@ -258,21 +258,32 @@ def _test_song_row(run: RunDir, name: str, predictor: Predictor, factors: Factor
 
         _, scores = predictor.assess_logmel(FeatureStore(run.features).get_many(test))
         row["unfamiliar"] = f"{1 - scores.familiar.mean():.1%}"
-    return row | _formatted(recommender_stats(rec, test, skip_query=True))
+    return row | formatted_stats(recommender_stats(rec, test, skip_query=True))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def check_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments every real-music check takes: RUN TRACKS.csv [--models ...] [--cache DIR]."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("tracks", type=Path)
     parser.add_argument("--models", nargs="*", help="models of the run (default: every checkpoint)")
     parser.add_argument("--cache", type=Path, help="folder for the decoded log-mels")
+    return parser
+
+
+def model_names(run: RunDir, models: list[str] | None) -> list[str]:
+    """``models``, or every model of the run with a checkpoint."""
+    return models or sorted(p.parent.name for p in run.model.glob(f"*/{CHECKPOINT_FILE}"))
+
+
+def main() -> None:
+    parser = check_arguments(__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapt", action="store_true", help="also each model adapted to the recordings")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     run = RunDir(args.run)
-    names = args.models or sorted(p.parent.name for p in run.model.glob(f"*/{CHECKPOINT_FILE}"))
+    names = model_names(run, args.models)
     predictors = {name: Predictor.load(run.checkpoint(name)) for name in names}
     audio_cfg = next(iter(predictors.values())).config.audio if predictors else AudioConfig()
     tracks, logmels = decode(read_tracks(args.tracks), audio_cfg, args.cache)
