@@ -237,8 +237,9 @@ def measure(
             row["unfamiliar"] = familiar.get(name, "")
             lists = []
             for index, v in parts:
-                rec = Recommender.load(run.root, sources[name], predictor=FileVectors(paths[index].tolist(), v))
-                lists.append(recommender_stats(rec, paths[index].tolist(), skip_query=False))
+                queries = paths[index].tolist()
+                rec = Recommender.load(run.root, sources[name], predictor=FileVectors(queries, v))
+                lists.append(recommender_stats(rec, queries, skip_query=False))
             row |= formatted_stats({k: float(np.mean([s[k] for s in lists])) for k in lists[0]})
             if name in predictors:
                 demo_rows.append(_test_song_row(run, name, predictors[name], factors, rec))
