@@ -11,6 +11,8 @@ and what resuming a training run bit for bit needs::
     model, optimizer          state_dicts of the last epoch (what resuming loads)
     epoch, step, best_valid, best_epoch, history (one dict of metrics per epoch)
     rng           {"torch": ..., "cuda": ...}: the random states after the last epoch
+    adapted_from, adapted_tracks    only in a model adapted to another domain (sonicrec.adapt): its
+                  source model's name and the number of recordings; it has no resume keys
 
 Only tensors and plain Python values are stored, so :func:`load_checkpoint` never unpickles code.
 """
