@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sonicrec.adapt import adapt_predictor, training_predictions
+from sonicrec.adapt import MIN_TRACKS, adapt_predictor, training_predictions
 from sonicrec.config import AudioConfig
 from sonicrec.factors import Factors, Predictions, unit_rows
 from sonicrec.features import extract_track
@@ -201,6 +201,10 @@ def measure(
         "log-mel mean/std": [(whole, baseline)],
         "random": [(whole, np.random.default_rng(seed).standard_normal((len(tracks), factors.n_factors)))],
     }
+    smallest = min(len(part) for part in halves(groups))
+    if adapt and smallest < MIN_TRACKS:
+        print(f"--adapt left out: a half of the groups has {smallest} tracks; adapting needs {MIN_TRACKS}")
+        adapt = False
     if adapt:
         rows["log-mel mean/std within halves"] = [(part, baseline[part]) for part in halves(groups)]
     familiar, sources = {}, {}
