@@ -95,6 +95,12 @@ def test_adapt_command_writes_a_model_for_the_new_domain(tiny_world, tmp_path, c
     broken = tmp_path / "real" / "broken.wav"
     broken.write_bytes(b"RIFF not really")
 
+    noise = tmp_path / "noise.wav"
+    soundfile.write(noise, rng.uniform(-1, 1, t.size).astype(np.float32), 22050)
+    assert main(["--no-progress", "similar", str(run.root), str(noise)]) == 0
+    shown = capsys.readouterr().out
+    assert "UNFAMILIAR" in shown and f"sonicrec adapt {run.root} FILES... --model cnn-mse" in shown
+
     assert main(["--no-progress", "adapt", str(run.root), *map(str, files), str(broken)]) == 0
     out = capsys.readouterr().out
     assert "failed: " in out and "broken.wav" in out
@@ -116,6 +122,9 @@ def test_adapt_command_writes_a_model_for_the_new_domain(tiny_world, tmp_path, c
     original = Predictor.load(run.checkpoint("cnn-mse"))
     assert not np.allclose(adapted.predict_files([query]), original.predict_files([query]))
     assert len(Recommender.load(run.root, "cnn-mse-adapted").similar(query, 3).ids) == 3
+    assert main(["--no-progress", "similar", str(run.root), str(noise), "--model", "cnn-mse-adapted"]) == 0
+    shown = capsys.readouterr().out
+    assert "UNFAMILIAR" in shown and "sonicrec adapt" not in shown  # no hint to adapt an adapted model
 
     with pytest.raises(DataError, match="itself adapted"):
         adapt_run(run, "cnn-mse-adapted", files)

@@ -456,6 +456,9 @@ def _show_ranking(
         verdict = "familiar" if familiarity["familiar"] else f"UNFAMILIAR: {familiarity['message']}"
         print(f"  {verdict} (distance {familiarity['distance']} from the training songs, threshold "
               f"{familiarity['threshold']}; farther than {familiarity['percentile']}% of held-out songs)")
+        if not familiarity["familiar"] and getattr(rec.predictor, "adapted_from", None) is None:
+            print(f"  with a few dozen recordings like this one: `sonicrec adapt {args.run_dir} FILES... "
+                  f"--model {args.model}`, then query with --model {args.model}-adapted")
     for row in rows:
         title = " - ".join(str(row[k]) for k in ("title", "artist") if row.get(k))
         where = f" ({row['collection']})" if row.get("collection") else ""
