@@ -80,6 +80,22 @@ def test_resume_refuses_other_settings(tmp_path):
         fit_toy(tmp_path, toy_config(epochs=2, learning_rate=0.1), resume=True)
 
 
+def test_a_plateau_cuts_the_learning_rate_before_it_stops(tmp_path):
+    store, targets = toy_world()
+    noise = np.random.default_rng(5).standard_normal(targets.shape)  # validation cannot improve for long
+    targets = np.concatenate([targets[:32], unit_rows(noise[32:])])
+    cfg = toy_config(epochs=12, patience=1)
+    stopped = fit_toy(tmp_path / "a", cfg, store, targets)
+    assert stopped.epochs < 12  # the plateau ends training without decays
+    with_decay = cfg.replace(train=dataclasses.replace(cfg.train, lr_decays=1))
+    decayed = fit_toy(tmp_path / "b", with_decay, store, targets)
+    lrs = pd.read_csv(decayed.metrics).lr.to_numpy()
+    assert decayed.epochs > stopped.epochs
+    assert set(np.round(lrs, 6)) == {0.02, 0.002}  # cut once, by lr_decay_factor
+    assert np.all(np.diff(lrs) <= 0)
+    assert load_checkpoint(decayed.checkpoint)["lr_decays_done"] == 1
+
+
 def test_the_paper_variant_trains_on_windows(tmp_path):
     cfg = toy_config(epochs=1, crop_frames=None)
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, architecture="paper", window_frames=110))

@@ -181,6 +181,10 @@ class TrainConfig:
     batch_size: int = 32
     epochs: int = 30
     patience: int = 5
+    # On a plateau (patience epochs without progress) restart from the best epoch with the learning
+    # rate times lr_decay_factor, at most lr_decays times; then stop.
+    lr_decays: int = 0
+    lr_decay_factor: float = 0.1
     crop_frames: int | None = None  # random time-shift crop length; None = whole excerpt (blog)
     # or model.window_frames (paper)
     num_workers: int = 2
@@ -196,6 +200,8 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate must be positive")
         _check(self.crop_frames is None or self.crop_frames > 0, "train.crop_frames must be > 0")
         _check(self.patience > 0 and self.num_workers >= 0, "train.patience > 0, num_workers >= 0")
+        _check(self.lr_decays >= 0 and 0 < self.lr_decay_factor < 1,
+               "train.lr_decays must be >= 0 and train.lr_decay_factor in (0, 1)")
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         _check(not unknown, f"train.augment: unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
 

@@ -20,7 +20,9 @@ learning-to-rank one (``bpr``, ``softmax``, ``mse+bpr``, ``mse+softmax``: :mod:`
 Each epoch visits the training songs in a seeded random order, each cropped at a seeded random
 time shift (the crops are drawn by the sampler in the main process, so DataLoader workers only
 read the memory-mapped store). Validation runs on whole excerpts after every epoch; training
-stops early when it has not improved for ``patience`` epochs. After every epoch one checkpoint
+stops early when it has not improved for ``patience`` epochs, or, while ``train.lr_decays`` are
+left, goes back to its best epoch and goes on with the learning rate cut by ``lr_decay_factor``
+(step decay on a plateau, restarting from the best weights). After every epoch one checkpoint
 dict (:mod:`sonicrec.checkpoint`) is written atomically to RUN/model/NAME/checkpoint.pt, and the
 per-epoch metrics to RUN/model/NAME/metrics.csv; ``resume=True`` continues from it bit for bit.
 
@@ -452,6 +454,7 @@ class _Loop:
         self.best_valid = s.get("best_valid", math.inf)
         self.best_epoch = s.get("best_epoch", 0)
         self.best_model = s.get("best_model")
+        self.decays, self.decayed_at = s.get("lr_decays_done", 0), s.get("decayed_at", 0)
         self.history: list[dict[str, float]] = s.get("history", [])
         self.writer = _tensorboard(out_dir) if self.rank == 0 else None
         self.augment = (
@@ -467,7 +470,7 @@ class _Loop:
             self.train_objective.name, len(self.train_ids), len(self.valid_ids), cfg.optimizer, self.device,
         )
         speed = wait = 0.0
-        while self.epoch < cfg.epochs and self.epoch - self.best_epoch < cfg.patience:
+        while self.epoch < cfg.epochs and not self._plateau_ends_training():
             started = time.perf_counter()
             train_loss, speed, wait = self._train_epoch()
             valid_loss = self._evaluate() if self.valid_loader is not None else train_loss
@@ -496,7 +499,7 @@ class _Loop:
             if self.writer is not None:
                 for key in ("train_loss", "valid_loss", "baseline_valid", "samples_per_s", "data_wait"):
                     self.writer.add_scalar(key, row[key], self.epoch)
-        if self.epoch - self.best_epoch >= cfg.patience:
+        if self._on_plateau():
             log.info("stopped early: no improvement for %d epochs", cfg.patience)
         if self.writer is not None:
             self.writer.close()
@@ -506,6 +509,25 @@ class _Loop:
             best_valid=self.best_valid, baseline_valid=baseline, train_songs=len(self.train_ids),
             valid_songs=len(self.valid_ids), samples_per_s=speed, data_wait=wait,
         )
+
+    def _on_plateau(self) -> bool:
+        """No progress for ``patience`` epochs, counted from the best epoch or the last decay."""
+        return self.epoch - max(self.best_epoch, self.decayed_at) >= self.cfg.train.patience
+
+    def _plateau_ends_training(self) -> bool:
+        """On a plateau: cut the learning rate and restart from the best epoch while decays are
+        left (``train.lr_decays``); True when training should stop."""
+        if not self._on_plateau():
+            return False
+        if self.decays >= self.cfg.train.lr_decays or self.best_model is None:
+            return True
+        self.net.load_state_dict(self.best_model)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.cfg.train.lr_decay_factor
+        self.decays, self.decayed_at = self.decays + 1, self.epoch
+        log.info("no improvement for %d epochs: back to epoch %d, learning rate %.3g",
+                 self.cfg.train.patience, self.best_epoch, self.optimizer.param_groups[0]["lr"])
+        return False
 
     def _train_epoch(self) -> tuple[float, float, float]:
         """One pass over the training songs -> (mean loss, samples/s, fraction waiting for data)."""
@@ -585,6 +607,8 @@ class _Loop:
             "step": self.step,
             "best_valid": self.best_valid,
             "best_epoch": self.best_epoch,
+            "lr_decays_done": self.decays,
+            "decayed_at": self.decayed_at,
             "history": self.history,
             "rng": rng,
         }
