@@ -70,11 +70,12 @@ def adapt_predictor(
         raise DataError(f"adapting a model needs at least {MIN_TRACKS} recordings of the new domain, "
                         f"not {len(logmels)}")
     model = copy.deepcopy(predictor.model).cpu()
-    store = MemoryStore({str(i): x for i, x in enumerate(logmels)})
+    logmels = np.asarray(logmels, np.float16)  # the precision of the feature store and of prediction
     if "input" in steps:
+        store = MemoryStore({str(i): x for i, x in enumerate(logmels)})
         model.set_input_norm(*map(torch.from_numpy, band_statistics(store, store.track_ids)))
     if "batchnorm" in steps:
-        _recompute_batch_norm(model, store.get_many(store.track_ids), batch_size)
+        _recompute_batch_norm(model, logmels, batch_size)
     adapted = Predictor(model, predictor.config, target=predictor.target, device=torch.device("cpu"))
     factors, embeddings = adapted.embed_logmel(logmels, batch_size=batch_size)
     if "coral" in steps:  # the output layer only: the embeddings stay as they are
