@@ -201,12 +201,14 @@ def measure(
         "log-mel mean/std": [(whole, baseline)],
         "random": [(whole, np.random.default_rng(seed).standard_normal((len(tracks), factors.n_factors)))],
     }
-    smallest = min(len(part) for part in halves(groups))
-    if adapt and smallest < MIN_TRACKS:
-        print(f"--adapt left out: a half of the groups has {smallest} tracks; adapting needs {MIN_TRACKS}")
-        adapt = False
     if adapt:
-        rows["log-mel mean/std within halves"] = [(part, baseline[part]) for part in halves(groups)]
+        parts = halves(groups)
+        smallest = min(len(part) for part in parts)
+        if smallest < MIN_TRACKS:
+            print(f"--adapt left out: a half of the groups has {smallest} tracks; it needs {MIN_TRACKS}")
+            adapt = False
+        else:
+            rows["log-mel mean/std within halves"] = [(part, baseline[part]) for part in parts]
     familiar, sources = {}, {}
     for name, predictor in predictors.items():
         vectors, scores = predictor.assess_logmel(logmels)
@@ -222,12 +224,11 @@ def measure(
         pairs = [same_group_share(v, groups[index]) for index, v in parts]
         return np.concatenate([s for s, _ in pairs]), np.concatenate([c for _, c in pairs])
 
-    # the baseline within the same parts: the whole set (one part) or the halves (two)
-    base = {len(p): shares([(index, baseline[index]) for index, _ in p])[0] for p in rows.values()}
     out, demo_rows = [], []
     for name, parts in rows.items():
         share, chance = shares(parts)
-        diff, n = share - base[len(parts)], len(share)
+        base = shares([(index, baseline[index]) for index, _ in parts])[0]  # within the same parts
+        diff, n = share - base, len(share)
         mean_cos, pr = np.mean([spread(v) for _, v in parts], axis=0)
         row = {
             "vectors": name,

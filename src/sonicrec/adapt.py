@@ -161,7 +161,7 @@ def adapt_run(
     if name == source:
         raise DataError(f"the adapted model needs a name other than its source's ({source!r})")
     state = load_checkpoint(run.checkpoint(source))
-    predictor = Predictor.load(run.checkpoint(source), device="cpu")
+    predictor = Predictor.from_checkpoint(state, run.checkpoint(source), device="cpu")
     if predictor.adapted_from is not None:
         raise DataError(f"model {source!r} is itself adapted (from {predictor.adapted_from!r}): adapt the "
                         "model it came from")

@@ -64,7 +64,11 @@ class Predictor:
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto") -> Predictor:
         """The best-validation model of a training checkpoint (``RUN/model/NAME/checkpoint.pt``)."""
-        state = load_checkpoint(path)
+        return cls.from_checkpoint(load_checkpoint(path), path, device=device)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, path: str | Path, *, device: str = "auto") -> Predictor:
+        """:meth:`load` of a checkpoint already read from ``path`` (its familiarity lies beside it)."""
         config = checkpoint_config(state)
         model = AudioCNN.for_config(config)
         model.load_state_dict(state["best_model"])
